@@ -1,0 +1,52 @@
+"""What every script shares: the --config/--json flags and the output contract.
+
+With --json a script prints exactly one JSON object as its last stdout line (its
+result, or {"error": {...}}) and exits 0 only on success. Without it, it prints a
+readable summary and errors go to stderr. The MCP server relies on this contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from trainer.config import DEFAULT_CONFIG, ConfigError, FineTuningConfig, load_config
+from trainer.errors import ProjectError
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> FineTuningConfig:
+    return load_config(args.config)
+
+
+def run(main: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace,
+        show: Callable[[dict[str, Any]], None]) -> int:
+    """Call `main(args)` and report its result or error per the output contract."""
+    try:
+        result = main(args)
+    except ConfigError as error:
+        return _fail(args, "config_error", str(error), {"source": error.source, "problems": error.problems})
+    except ProjectError as error:
+        return _fail(args, error.kind, str(error), error.details)
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        show(result)
+    return 0
+
+
+def _fail(args: argparse.Namespace, kind: str, message: str, details: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps({"error": {"type": kind, "message": message, **details}}, default=str))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return 1

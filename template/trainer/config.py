@@ -1,0 +1,408 @@
+"""The project's configuration: config/fine_tuning_config.yaml as a validated pydantic model.
+
+One-way flow: defaults in the models below, then the YAML file, then environment
+overrides (OLMO_<SECTION>__<KEY>[__<KEY>...]), then explicit overrides from code or
+the command line. Validation fails fast with messages that name the key, the allowed
+values and where the bad value came from (the file or the environment variable).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "OLMO_"
+ENV_DELIMITER = "__"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "fine_tuning_config.yaml"
+
+# Hugging Face `model_type` of each base model family (used for tiny models and exports).
+ARCHITECTURES = {"olmo": "olmo2", "llama": "llama", "mistral": "mistral", "custom": "llama"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; `problems` lists one message per bad key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"invalid configuration in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _optional_name(value: Any) -> Any:
+    """Empty strings mean 'not set' for optional field names and paths."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+class ProjectSection(Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$", description="project slug")
+    description: str = ""
+    version: str = "1.0.0"
+
+
+class BaseModelSection(Section):
+    type: Literal["olmo", "llama", "mistral", "custom"] = "olmo"
+    model_id: str = Field(default="allenai/OLMo-2-0425-1B-Instruct", min_length=3)
+    local_path: Optional[Path] = None
+    quantization: Literal["none", "q4", "q8"] = "none"
+
+    _clean_path = field_validator("local_path", mode="before")(_optional_name)
+
+    @field_validator("local_path")
+    @classmethod
+    def _expand(cls, value: Optional[Path]) -> Optional[Path]:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURES[self.type]
+
+
+class StageSection(Section):
+    iterations: int = Field(default=100, ge=1)
+    learning_rate: float = Field(default=2e-5, gt=0, lt=1)
+    batch_size: int = Field(default=4, ge=1)
+    warmup_steps: int = Field(default=10, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> StageSection:
+        if self.warmup_steps > self.iterations:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed iterations ({self.iterations})")
+        return self
+
+
+class Stage2Section(StageSection):
+    iterations: int = Field(default=150, ge=1)
+    learning_rate: float = Field(default=1e-6, gt=0, lt=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    replay_ratio: float = Field(default=0.15, ge=0, lt=1)
+
+
+class TrainingSection(Section):
+    num_stages: Literal[1, 2] = 1
+    backend: Literal["auto", "mlx", "transformers"] = "auto"
+    seed: int = Field(default=42, ge=0)
+    max_seq_length: int = Field(default=2048, ge=16)
+    gradient_checkpointing: bool = True
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    stage1: StageSection = StageSection()
+    stage2: Optional[Stage2Section] = None
+    quality_weighting: bool = True
+    quality_weight_multiplier: float = Field(default=2.5, ge=1, le=100)
+    save_steps: int = Field(default=50, ge=1)
+    eval_steps: int = Field(default=25, ge=1)
+
+    @model_validator(mode="after")
+    def _stage2_present(self) -> TrainingSection:
+        if self.num_stages == 2 and self.stage2 is None:
+            raise ValueError("num_stages is 2 but the stage2 section is missing")
+        return self
+
+    def stage(self, number: int) -> StageSection:
+        if number == 1:
+            return self.stage1
+        if number == 2 and self.num_stages == 2 and self.stage2 is not None:
+            return self.stage2
+        raise ValueError(f"stage {number} does not exist: this project has {self.num_stages} stage(s)")
+
+
+class LoraSection(Section):
+    rank: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    num_layers: int = -1
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        bad = [m for m in value if not m or not m.replace("_", "a").replace(".", "a").isalnum()]
+        if bad:
+            raise ValueError(f"target_modules entries must be module names such as q_proj, got {bad}")
+        return value
+
+    @field_validator("num_layers")
+    @classmethod
+    def _layers(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"num_layers must be -1 (all layers) or >= 1, got {value}")
+        return value
+
+    @property
+    def scale(self) -> float:
+        """The LoRA update's scale, alpha / rank, the same on both backends."""
+        return self.alpha / self.rank
+
+
+class DatasetSection(Section):
+    format: Literal["jsonl", "csv", "parquet"] = "jsonl"
+    raw_files: list[str] = Field(default_factory=lambda: ["data/raw/*.jsonl"], min_length=1)
+    processed_dir: Path = Path("data/processed")
+    reports_dir: Path = Path("data/quality_reports")
+    record_format: Literal["chat", "completions"] = "chat"
+    instruction_field: str = Field(default="instruction", min_length=1)
+    input_field: Optional[str] = "input"
+    system_field: Optional[str] = None
+    output_field: str = Field(default="output", min_length=1)
+    quality_field: Optional[str] = "quality"
+    metadata_field: Optional[str] = "metadata"
+    deduplicate: bool = True
+    train_split: float = Field(default=0.8, gt=0, lt=1)
+    validation_split: float = Field(default=0.1, gt=0, lt=1)
+    test_split: float = Field(default=0.1, gt=0, lt=1)
+
+    _clean_names = field_validator("input_field", "system_field", "quality_field", "metadata_field", mode="before")(
+        _optional_name
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSection:
+        total = self.train_split + self.validation_split + self.test_split
+        if abs(total - 1) > 1e-3:
+            raise ValueError(
+                f"train_split + validation_split + test_split must sum to 1, got "
+                f"{self.train_split} + {self.validation_split} + {self.test_split} = {total:g}"
+            )
+        fields = [self.instruction_field, self.input_field, self.system_field, self.output_field,
+                  self.quality_field, self.metadata_field]
+        named = [f for f in fields if f]
+        if len(named) != len(set(named)):
+            raise ValueError(f"the dataset field names must be distinct, got {named}")
+        return self
+
+
+class MlxSection(Section):
+    enabled: bool = True
+    memory_efficient: bool = True
+
+
+class CarbonAlerts(Section):
+    high_emissions_kg: float = Field(default=10.0, gt=0)
+    high_emissions_per_hour_kg: float = Field(default=2.0, gt=0)
+
+
+class CarbonSection(Section):
+    enabled: bool = True
+    project_name: str = Field(default="fine-tuning", min_length=1)
+    country_iso_code: str = Field(default="USA", pattern=r"^[A-Z]{3}$")
+    offline_mode: bool = True
+    emissions_endpoint: Optional[str] = None
+    output_dir: Path = Path("emissions")
+    tracking_mode: Literal["process", "machine"] = "process"
+    measure_power_secs: float = Field(default=15, gt=0)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "warning"
+    alerts: CarbonAlerts = CarbonAlerts()
+
+
+class MlflowSection(Section):
+    enabled: bool = False
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment_name: str = "fine-tuning"
+    log_emissions: bool = True
+
+
+class WandbSection(Section):
+    enabled: bool = False
+    project: str = "fine-tuning"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class HuggingfaceSection(Section):
+    enabled: bool = False
+    repo_prefix: str = "your-username"
+    private_repos: bool = True
+    upload_staging_dir: Path = Path("upload_staging")
+
+
+class GenerationSection(Section):
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=256, ge=1)
+
+
+class EvaluationSection(Section):
+    enabled: bool = True
+    metrics: list[Literal["perplexity", "accuracy", "bleu", "chrf"]] = Field(
+        default_factory=lambda: ["perplexity", "accuracy", "bleu", "chrf"]
+    )
+    stage1_threshold: float = Field(default=0.7, ge=0, le=1)
+    stage2_threshold: float = Field(default=0.7, ge=0, le=1)
+    sequential_threshold: float = Field(default=0.6, ge=0, le=1)
+    generation: GenerationSection = GenerationSection()
+
+
+class PathsSection(Section):
+    runs_dir: Path = Path("runs")
+    logs_dir: Path = Path("logs")
+
+
+class FineTuningConfig(Section):
+    project: ProjectSection
+    base_model: BaseModelSection = BaseModelSection()
+    training: TrainingSection = TrainingSection()
+    lora: LoraSection = LoraSection()
+    dataset: DatasetSection = DatasetSection()
+    mlx: MlxSection = MlxSection()
+    carbon_tracking: CarbonSection = CarbonSection()
+    mlflow: MlflowSection = MlflowSection()
+    wandb: WandbSection = WandbSection()
+    huggingface: HuggingfaceSection = HuggingfaceSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    paths: PathsSection = PathsSection()
+
+    # Where relative paths point; not part of the YAML.
+    _root: Path = PROJECT_ROOT
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def resolve(self, path: Path | str) -> Path:
+        """A config path made absolute against the project root ('~' expanded)."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else (self._root / path)
+
+    def model_source(self) -> str:
+        """Where the base model loads from: the local directory if set, else the hub id."""
+        if self.base_model.local_path is not None:
+            return str(self.resolve(self.base_model.local_path))
+        return self.base_model.model_id
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """Plain data (paths as strings) for snapshots in run manifests."""
+        return self.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------- loading
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, Any]]:
+    """Config overrides found in the environment: {key path: (variable name, parsed value)}.
+
+    Only OLMO_<SECTION>__<KEY> variables (with the nested delimiter) are config
+    overrides; plain OLMO_* variables belong to other tools (e.g. the MCP server).
+    Values are parsed as YAML so numbers, booleans and lists keep their types.
+    """
+    found = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or ENV_DELIMITER not in name:
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split(ENV_DELIMITER))
+        if any(not part for part in path):
+            raise ConfigError(name, [f"{name}: empty key in the variable name (use OLMO_SECTION__KEY)"])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        found[path] = (name, value)
+    return found
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str] | None:
+    """The keys a mapping at `path` may hold, or None if `path` is not a section."""
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        section = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if section is None:
+            return None
+        model = section
+    return sorted(model.model_fields)
+
+
+def _apply(data: dict[str, Any], overrides: dict[tuple[str, ...], tuple[str, Any]]) -> list[str]:
+    problems = []
+    for path, (name, value) in sorted(overrides.items()):
+        parent_keys = _allowed_keys(FineTuningConfig, path[:-1])
+        if parent_keys is None or path[-1] not in parent_keys:
+            where = ".".join(path[:-1]) or "the top level"
+            allowed = ", ".join(parent_keys) if parent_keys else ", ".join(sorted(FineTuningConfig.model_fields))
+            problems.append(f"{name}: unknown key '{'.'.join(path)}'; keys allowed in {where}: {allowed}")
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return problems
+
+
+def _describe(error: dict[str, Any], sources: dict[tuple[str, ...], str], default_source: str) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc) or "(top level)"
+    source = next((sources[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in sources), default_source)
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(FineTuningConfig, tuple(loc[:-1])) or []
+        return f"{key}: unknown key (in {source}); allowed here: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing (in {source})"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{key}: {message}{shown} (in {source})"
+
+
+def load_config(
+    path: Path | str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    root: Path | str | None = None,
+) -> FineTuningConfig:
+    """Load and validate the config: YAML file, then environment, then `overrides`.
+
+    `overrides` maps dotted keys ("training.stage1.iterations") to values. `root` is the
+    directory relative paths are resolved against; by default the project that holds
+    the file (the parent of its config/ folder).
+    """
+    path = Path(path).expanduser() if path is not None else DEFAULT_CONFIG
+    environ = os.environ if environ is None else environ
+    if not path.is_file():
+        raise ConfigError(str(path), [f"config file not found: {path}"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(str(path), [f"not valid YAML at {where}: {getattr(error, 'problem', error)}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [f"the top level must be a mapping of sections, got {type(data).__name__}"])
+
+    found = env_overrides(environ)
+    for dotted, value in (overrides or {}).items():
+        found[tuple(dotted.split("."))] = (f"override {dotted}", value)
+    problems = _apply(data, found)
+    if problems:
+        raise ConfigError(str(path), problems)
+
+    sources = {key: name for key, (name, _) in found.items()}
+    try:
+        config = FineTuningConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(str(path), [_describe(e, sources, str(path)) for e in error.errors()]) from None
+
+    if root is None:
+        parent = path.resolve().parent
+        root = parent.parent if parent.name == "config" else parent
+    config._root = Path(root).resolve()
+    return config

@@ -1,0 +1,507 @@
+"""Raw data (jsonl, csv, parquet) -> validated chat/completion records, split by seed.
+
+Reads the configured raw files (never modifying them), maps the configured fields to
+chat messages (rows already in `messages` or `prompt`/`completion` form are accepted
+as they are), validates every row, removes exact duplicates, splits deterministically
+and writes data/processed/{train,valid,test}.jsonl in mlx-lm's format, which both
+training backends read. A quality report goes to data/quality_reports/.
+
+Any invalid row is an error naming file, line (or parquet row) and field, and nothing
+is written; with skip_invalid the rows are dropped and listed in the report instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import statistics
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer.config import DatasetSection, FineTuningConfig
+from trainer.errors import ProjectError
+
+SPLITS = ("train", "valid", "test")
+FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+ROLES = {"system", "user", "assistant"}
+MAX_LISTED_ERRORS = 1000
+
+
+class DatasetError(ProjectError):
+    kind = "dataset_error"
+
+
+@dataclass(frozen=True)
+class RowError:
+    file: str
+    line: int  # 1-based line (jsonl, csv) or row (parquet); 0 = the whole file
+    field: Optional[str]
+    reason: str
+    unit: str = "line"
+
+    def __str__(self) -> str:
+        where = f"{self.file}" if self.line == 0 else f"{self.file}, {self.unit} {self.line}"
+        what = f"field '{self.field}': " if self.field else ""
+        return f"{where}: {what}{self.reason}"
+
+
+@dataclass
+class Example:
+    messages: list[dict[str, str]]
+    source: str
+    quality: Optional[float] = None
+    metadata: Optional[dict[str, Any]] = None
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.messages, sort_keys=True).encode()).hexdigest()
+
+    def prompt_text(self) -> str:
+        return "\n".join(m["content"] for m in self.messages if m["role"] != "assistant")
+
+    def completion_text(self) -> str:
+        return "\n".join(m["content"] for m in self.messages if m["role"] == "assistant")
+
+
+@dataclass
+class Rejected(Exception):
+    """Raised while mapping a row; becomes a RowError with the row's location."""
+
+    field: Optional[str]
+    reason: str
+
+
+# ----------------------------------------------------------------- reading
+
+
+def find_inputs(dataset: DatasetSection, root: Path) -> list[Path]:
+    """The raw files matched by dataset.raw_files, sorted, each once."""
+    found: dict[Path, None] = {}
+    for pattern in dataset.raw_files:
+        full = Path(pattern).expanduser()
+        full = full if full.is_absolute() else root / full
+        for match in sorted(glob.glob(str(full))):
+            path = Path(match)
+            if path.is_file():
+                found.setdefault(path.resolve(), None)
+    if not found:
+        raise DatasetError(
+            f"no raw data files match dataset.raw_files {dataset.raw_files} (relative to {root}); "
+            f"put {dataset.format} files in data/raw/ or pass --input",
+            details={"patterns": dataset.raw_files},
+        )
+    return list(found)
+
+
+def file_format(path: Path, default: str) -> str:
+    return FORMATS.get(path.suffix.lower(), default)
+
+
+def read_rows(path: Path, fmt: str, name: str) -> Iterator[tuple[int, Any]]:
+    """(line or row number, raw row) pairs; a row that cannot be parsed is a RowError."""
+    if fmt == "jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield number, RowError(name, number, None, f"malformed JSON ({error.msg} at column {error.colno})")
+    elif fmt == "csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            start = 2
+            for row in reader:
+                if None in row:
+                    columns = len(reader.fieldnames or [])
+                    yield start, RowError(name, start, None, f"row has more cells than the header's {columns} columns")
+                else:
+                    yield start, row
+                start = reader.line_num + 1
+    elif fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as error:
+            raise DatasetError(f"{name}: reading parquet needs pyarrow (pip install pyarrow)") from error
+        table = pq.read_table(path)
+        for number, row in enumerate(table.to_pylist(), 1):
+            yield number, row
+    else:
+        raise DatasetError(f"{name}: unsupported format '{fmt}' (supported: jsonl, csv, parquet)")
+
+
+def columns_of(path: Path, fmt: str) -> Optional[list[str]]:
+    """The header of a csv or the schema of a parquet file (None for jsonl)."""
+    if fmt == "csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            return next(csv.reader(handle), [])
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    return None
+
+
+# ----------------------------------------------------------------- mapping
+
+
+def _text(row: dict[str, Any], name: str, required: bool) -> Optional[str]:
+    value = row.get(name)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        if required:
+            raise Rejected(name, "missing field" if name not in row else "value is empty")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise Rejected(name, f"must be text, got {type(value).__name__}")
+    text = str(value)
+    if not text.strip():
+        if required:
+            raise Rejected(name, "value is empty")
+        return None
+    return text
+
+
+def _quality(row: dict[str, Any], name: str) -> Optional[float]:
+    value = row.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise Rejected(name, f"non-numeric quality score {value!r}")
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise Rejected(name, f"non-numeric quality score {value!r}") from None
+    if not math.isfinite(score):
+        raise Rejected(name, f"quality score must be a finite number, got {value!r}")
+    if not 0 <= score <= 1:
+        raise Rejected(name, f"quality score must be in [0, 1], got {score:g}")
+    return score
+
+
+def _metadata(row: dict[str, Any], name: str) -> Optional[dict[str, Any]]:
+    value = row.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise Rejected(name, "metadata text is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise Rejected(name, f"metadata must be an object, got {type(value).__name__}")
+    return value
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise Rejected("messages", "must be a non-empty list of {role, content} objects")
+    messages = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise Rejected("messages", f"message {index} is not an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise Rejected("messages", f"message {index} has role {role!r}; allowed: assistant, system, user")
+        if not isinstance(content, str) or not content.strip():
+            raise Rejected("messages", f"message {index} ({role}) has empty or non-text content")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise Rejected("messages", "the last message must be the assistant's answer")
+    if not any(m["role"] == "user" for m in messages):
+        raise Rejected("messages", "there is no user message")
+    return messages
+
+
+def to_example(row: Any, dataset: DatasetSection, source: str) -> Example:
+    """Map one raw row to an Example, or raise Rejected naming the bad field."""
+    if not isinstance(row, dict):
+        raise Rejected(None, f"row must be an object, got {type(row).__name__}")
+    if dataset.instruction_field not in row and "messages" in row:
+        messages = _messages(row["messages"])
+    elif "prompt" in row and "completion" in row and dataset.output_field not in row:
+        messages = [{"role": "user", "content": _text(row, "prompt", True)},
+                    {"role": "assistant", "content": _text(row, "completion", True)}]
+    else:
+        instruction = _text(row, dataset.instruction_field, True)
+        extra = _text(row, dataset.input_field, False) if dataset.input_field else None
+        system = _text(row, dataset.system_field, False) if dataset.system_field else None
+        output = _text(row, dataset.output_field, True)
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": output},
+        ]
+    quality = _quality(row, dataset.quality_field) if dataset.quality_field else None
+    metadata = _metadata(row, dataset.metadata_field) if dataset.metadata_field else None
+    return Example(messages=messages, source=source, quality=quality, metadata=metadata)
+
+
+def to_record(example: Example, record_format: str) -> dict[str, Any]:
+    """The processed JSONL record: mlx-lm's chat or completions format plus our extras."""
+    if record_format == "chat":
+        record: dict[str, Any] = {"messages": example.messages}
+    else:
+        turns = [m for m in example.messages if m["role"] != "system"]
+        if len(turns) != 2:
+            raise Rejected("messages", "a multi-turn conversation cannot be a completion record; "
+                                       "use record_format: chat")
+        record = {"prompt": turns[0]["content"], "completion": turns[1]["content"]}
+        system = [m["content"] for m in example.messages if m["role"] == "system"]
+        if system:
+            record["system"] = system[0]
+    if example.quality is not None:
+        record["quality"] = example.quality
+    if example.metadata is not None:
+        record["metadata"] = example.metadata
+    record["source"] = example.source
+    return record
+
+
+# ----------------------------------------------------------------- splitting and writing
+
+
+def split(examples: list[Any], dataset: DatasetSection, seed: int) -> dict[str, list[Any]]:
+    """Seeded shuffle, then cut by the configured ratios; valid and test get at least one row."""
+    n = len(examples)
+    if n < 3:
+        raise DatasetError(f"{n} valid row(s) cannot be split into train, valid and test; at least 3 are needed")
+    n_valid = max(1, round(n * dataset.validation_split))
+    n_test = max(1, round(n * dataset.test_split))
+    if n - n_valid - n_test < 1:
+        raise DatasetError(f"{n} valid rows leave no training rows after the validation and test splits")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    cuts = {"valid": order[:n_valid], "test": order[n_valid:n_valid + n_test], "train": order[n_valid + n_test:]}
+    return {name: [examples[i] for i in sorted(cuts[name])] for name in SPLITS}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory and os.replace, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------- report
+
+
+def _stats(values: list[int]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+    return {
+        "count": len(values),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "mean": round(statistics.fmean(ordered), 2),
+        "p50": ordered[len(ordered) // 2],
+        "p95": ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)],
+    }
+
+
+def load_tokenizer(path: Optional[Path]):
+    """A `tokenizers.Tokenizer` from a model directory, or None (then lengths are in characters)."""
+    if path is None or not (path / "tokenizer.json").is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
+def quality_report(examples: list[Example], tokenizer, max_seq_length: int) -> dict[str, Any]:
+    scores = [e.quality for e in examples if e.quality is not None]
+    bins = [0] * 10
+    for score in scores:
+        bins[min(9, int(score * 10))] += 1
+    if tokenizer is not None:
+        prompts = [len(ids.ids) for ids in tokenizer.encode_batch([e.prompt_text() for e in examples])]
+        completions = [len(ids.ids) for ids in tokenizer.encode_batch([e.completion_text() for e in examples])]
+        unit = "tokens"
+    else:
+        prompts = [len(e.prompt_text()) for e in examples]
+        completions = [len(e.completion_text()) for e in examples]
+        unit = "characters"
+    totals = [p + c for p, c in zip(prompts, completions, strict=True)]
+    categories = Counter(
+        str(e.metadata.get("category")) for e in examples if e.metadata and "category" in e.metadata
+    )
+    return {
+        "quality": {
+            "rows_with_score": len(scores),
+            "rows_without_score": len(examples) - len(scores),
+            "min": min(scores) if scores else None,
+            "max": max(scores) if scores else None,
+            "mean": round(statistics.fmean(scores), 4) if scores else None,
+            "histogram": [{"range": [i / 10, (i + 1) / 10], "count": c} for i, c in enumerate(bins)],
+        },
+        "lengths": {
+            "unit": unit,
+            "prompt": _stats(prompts),
+            "completion": _stats(completions),
+            "total": _stats(totals),
+            # Only meaningful in tokens; chat-template tokens are not counted.
+            "over_max_seq_length": sum(t > max_seq_length for t in totals) if tokenizer is not None else None,
+        },
+        "categories": dict(categories.most_common(50)),
+    }
+
+
+# ----------------------------------------------------------------- the whole preparation
+
+
+@dataclass
+class Preparation:
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)
+    duplicates: list[dict[str, str]] = field(default_factory=list)
+    rows_read: int = 0
+
+
+def collect(config: FineTuningConfig, inputs: list[Path]) -> Preparation:
+    """Read and validate every row of every input file."""
+    dataset = config.dataset
+    result = Preparation()
+    seen: dict[str, str] = {}
+    required = [dataset.instruction_field, dataset.output_field]
+    for path in inputs:
+        if not path.is_file():
+            raise DatasetError(f"input file not found: {path}")
+        name = _display(path, config.root)
+        fmt = file_format(path, dataset.format)
+        unit = "row" if fmt == "parquet" else "line"
+        columns = columns_of(path, fmt)
+        has_chat = columns is not None and ("messages" in columns or {"prompt", "completion"} <= set(columns))
+        missing = [c for c in required if columns is not None and c not in columns and not has_chat]
+        if missing:
+            for column in missing:
+                result.errors.append(RowError(name, 0, column, f"missing column (columns: {', '.join(columns)})", unit))
+            continue
+        count = 0
+        for number, row in read_rows(path, fmt, name):
+            count += 1
+            if isinstance(row, RowError):
+                result.errors.append(row)
+                continue
+            source = f"{name}:{number}"
+            try:
+                example = to_example(row, dataset, source)
+                to_record(example, dataset.record_format)
+            except Rejected as rejected:
+                result.errors.append(RowError(name, number, rejected.field, rejected.reason, unit))
+                continue
+            key = example.key()
+            if dataset.deduplicate and key in seen:
+                result.duplicates.append({"source": source, "duplicate_of": seen[key]})
+                continue
+            seen[key] = source
+            result.examples.append(example)
+        result.rows_read += count
+        result.inputs.append({"path": name, "format": fmt, "rows": count, "sha256": sha256_file(path)})
+    return result
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def prepare(
+    config: FineTuningConfig,
+    inputs: Optional[list[Path]] = None,
+    *,
+    skip_invalid: bool = False,
+    tokenizer_path: Optional[Path] = None,
+) -> dict[str, Any]:
+    """Prepare the processed splits and the quality report; returns a summary."""
+    dataset = config.dataset
+    paths = [Path(p).resolve() for p in inputs] if inputs else find_inputs(dataset, config.root)
+    prepared = collect(config, paths)
+
+    if prepared.errors and not skip_invalid:
+        shown = "\n".join(f"  {e}" for e in prepared.errors[:20])
+        more = f"\n  ... and {len(prepared.errors) - 20} more" if len(prepared.errors) > 20 else ""
+        raise DatasetError(
+            f"{len(prepared.errors)} invalid row(s); nothing was written "
+            f"(use --skip-invalid to drop them):\n{shown}{more}",
+            details={"errors": [asdict(e) for e in prepared.errors[:MAX_LISTED_ERRORS]]},
+        )
+    if not prepared.examples:
+        raise DatasetError(
+            f"no valid rows in {', '.join(i['path'] for i in prepared.inputs) or 'the input files'}",
+            details={"errors": [asdict(e) for e in prepared.errors[:MAX_LISTED_ERRORS]]},
+        )
+
+    splits = split(prepared.examples, dataset, config.training.seed)
+    out_dir = config.resolve(dataset.processed_dir)
+    outputs = {}
+    for name in SPLITS:
+        path = out_dir / f"{name}.jsonl"
+        records = (to_record(e, dataset.record_format) for e in splits[name])
+        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        write_atomic(path, text)
+        outputs[name] = {"path": _display(path, config.root), "rows": len(splits[name]), "sha256": sha256_file(path)}
+
+    if tokenizer_path is None and config.base_model.local_path is not None:
+        tokenizer_path = config.resolve(config.base_model.local_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    now = datetime.now(timezone.utc)
+    report = {
+        "generated_at": now.isoformat(timespec="seconds"),
+        "seed": config.training.seed,
+        "record_format": dataset.record_format,
+        "fields": {k: getattr(dataset, k) for k in (
+            "instruction_field", "input_field", "system_field", "output_field", "quality_field", "metadata_field")},
+        "inputs": prepared.inputs,
+        "counts": {
+            "rows_read": prepared.rows_read,
+            "accepted": len(prepared.examples),
+            "rejected": len(prepared.errors),
+            "duplicates_removed": len(prepared.duplicates),
+            **{name: len(splits[name]) for name in SPLITS},
+        },
+        "outputs": outputs,
+        "rejected": [asdict(e) for e in prepared.errors[:MAX_LISTED_ERRORS]],
+        "duplicates": prepared.duplicates[:MAX_LISTED_ERRORS],
+        **quality_report(prepared.examples, tokenizer, config.training.max_seq_length),
+    }
+    reports_dir = config.resolve(dataset.reports_dir)
+    report_path = reports_dir / f"quality_report_{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    write_atomic(report_path, text)
+    write_atomic(reports_dir / "latest.json", text)
+    return {
+        "counts": report["counts"],
+        "outputs": outputs,
+        "report": _display(report_path, config.root),
+        "rejected": report["rejected"][:20],
+        "length_unit": report["lengths"]["unit"],
+    }
