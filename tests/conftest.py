@@ -1,0 +1,63 @@
+"""Shared helpers: render the template from this checkout, read the questionnaire,
+run a generated project's scripts, and snapshot folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from copier import run_copy
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Commits made by tests (update tests, pytest-copie) need an identity on a fresh machine.
+for key, value in {"GIT_AUTHOR_NAME": "Template Tests", "GIT_AUTHOR_EMAIL": "tests@example.com",
+                   "GIT_COMMITTER_NAME": "Template Tests", "GIT_COMMITTER_EMAIL": "tests@example.com"}.items():
+    os.environ.setdefault(key, value)
+
+
+def questionnaire() -> dict[str, dict[str, Any]]:
+    """The questions of copier.yml (settings starting with '_' left out)."""
+    data = yaml.safe_load((REPO / "copier.yml").read_text())
+    return {name: spec for name, spec in data.items() if not name.startswith("_")}
+
+
+def render(destination: Path, src: Path | str = REPO, vcs_ref: str | None = "HEAD", **answers: Any) -> Path:
+    """Generate a project with copier's real API, answers validated as if typed."""
+    run_copy(str(src), str(destination), data=answers, defaults=True, quiet=True, vcs_ref=vcs_ref, unsafe=True)
+    return destination
+
+
+def answers_of(project: Path) -> dict[str, Any]:
+    return yaml.safe_load((project / ".copier-answers.yml").read_text())
+
+
+def script(project: Path, name: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """Run a generated project's script with --json; returns (exit code, last-line JSON)."""
+    proc = subprocess.run(
+        [sys.executable, str(project / "scripts" / name), "--json", *args],
+        cwd=project, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})}, timeout=600,
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"{name} printed nothing on stdout; stderr:\n{proc.stderr}"
+    return proc.returncode, json.loads(lines[-1])
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Content hashes of every file below `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def default_project(tmp_path_factory) -> Path:
+    """One project with every default answer, shared by read-only tests."""
+    return render(tmp_path_factory.mktemp("default") / "project")

@@ -1,0 +1,173 @@
+"""An answer matrix rendered with pytest-copie: the exact file set, no template leftovers,
+Python that compiles and passes ruff, a config that loads into the project's own pydantic
+model and matches the answers, dependencies that follow the features, sample data that
+prepares, and the project's own (fast) tests passing."""
+
+from __future__ import annotations
+
+import json
+import py_compile
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+from conftest import script
+
+SOURCES = {
+    ".copier-answers.yml", ".env.example", ".gitignore", "README.md", "pyproject.toml", "requirements.txt",
+    "config/fine_tuning_config.yaml",
+    "trainer/__init__.py", "trainer/cli.py", "trainer/config.py", "trainer/dataset_preparator.py",
+    "trainer/errors.py", "trainer/tiny_model.py",
+    "scripts/prepare_dataset.py", "scripts/make_tiny_model.py",
+    "tests/conftest.py", "tests/test_config.py", "tests/test_dataset.py", "tests/test_tiny_model.py",
+    "data/processed/.gitkeep", "data/quality_reports/.gitkeep", "runs/.gitkeep", "logs/.gitkeep",
+    "emissions/.gitkeep",
+}
+SAMPLE = {"jsonl": "data/raw/sample_dataset.jsonl", "csv": "data/raw/sample_dataset.csv",
+          "parquet": "data/raw/sample_dataset.jsonl"}
+
+MATRIX = [
+    pytest.param({"model_type": "olmo", "dataset_format": "jsonl", "num_stages": 1}, id="olmo-jsonl-1stage-defaults"),
+    pytest.param({"model_type": "llama", "dataset_format": "csv", "num_stages": 2, "enable_mlflow": True,
+                  "enable_wandb": True, "enable_huggingface_upload": True, "system_field": "system"},
+                 id="llama-csv-2stage-all-integrations"),
+    pytest.param({"model_type": "mistral", "dataset_format": "parquet", "num_stages": 2, "backend": "transformers",
+                  "enable_mlx_optimization": False, "enable_carbontracking": False,
+                  "enable_quality_weighting": False, "enable_evaluation": False},
+                 id="mistral-parquet-2stage-minimal"),
+    pytest.param({"model_type": "custom", "model_id": "Qwen/Qwen2.5-0.5B-Instruct", "dataset_format": "jsonl",
+                  "num_stages": 1, "backend": "mlx", "quantization": "q4", "input_field": "", "quality_field": "",
+                  "metadata_field": "", "carbon_offline_mode": False},
+                 id="custom-jsonl-mlx-q4-no-optional-fields"),
+    pytest.param({"model_type": "olmo", "dataset_format": "csv", "num_stages": 1, "instruction_field": "prompt",
+                  "output_field": "response", "quality_field": "score", "metadata_field": "meta",
+                  "project_description": 'Says "hi" \\ it\'s fine', "lora_target_modules": ["q_proj", "mlp.down_proj"]},
+                 id="olmo-csv-renamed-fields-odd-description"),
+]
+
+
+@pytest.fixture(params=MATRIX)
+def generated(request, copie):
+    answers = request.param
+    result = copie.copy(extra_answers=answers)
+    assert result.exception is None, result.exception
+    return result.project_dir, {**result.answers}
+
+
+def files_of(project: Path) -> set[str]:
+    return {str(p.relative_to(project)) for p in project.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_exact_file_set(generated):
+    project, answers = generated
+    assert files_of(project) == SOURCES | {SAMPLE[answers["dataset_format"]]}
+
+
+def test_no_template_leftovers(generated):
+    project, _ = generated
+    for path in project.rglob("*"):
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        if path.name == "tiny_model.py":  # the tokenizer's chat template is Jinja on purpose
+            text = re.sub(r"CHAT_TEMPLATE = \(.*?\n\)", "", text, flags=re.DOTALL)
+        for marker in ("{{", "{%", "{#"):
+            assert marker not in text, f"{path.relative_to(project)} contains {marker}"
+    assert not list(project.rglob("*.jinja"))
+
+
+def test_python_compiles_and_passes_ruff(generated):
+    project, _ = generated
+    for path in project.rglob("*.py"):
+        py_compile.compile(str(path), doraise=True)
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(project)],
+                          capture_output=True, text=True, check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def load_in_project(project: Path) -> dict:
+    """The project's config as its own trainer.config loads it (in a fresh interpreter)."""
+    code = "import json; from trainer.config import load_config; print(json.dumps(load_config().to_yaml_dict()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True,
+                          check=False, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_config_loads_and_matches_the_answers(generated):
+    project, a = generated
+    c = load_in_project(project)
+    assert c["project"] == {"name": a["project_name"], "description": a["project_description"],
+                            "version": a["project_version"]}
+    assert c["base_model"]["type"] == a["model_type"] and c["base_model"]["model_id"] == a["model_id"]
+    assert c["base_model"]["quantization"] == a["quantization"]
+    t = c["training"]
+    assert (t["num_stages"], t["backend"], t["seed"]) == (a["num_stages"], a["backend"], a["seed"])
+    assert t["stage1"] == {"iterations": a["stage1_iterations"], "learning_rate": a["stage1_learning_rate"],
+                           "batch_size": a["stage1_batch_size"], "warmup_steps": a["stage1_warmup_steps"]}
+    assert (t["stage2"] is not None) == (a["num_stages"] == 2)
+    if t["stage2"]:
+        assert t["stage2"]["replay_ratio"] == a["replay_ratio"]
+    assert t["quality_weighting"] == a["enable_quality_weighting"]
+    assert c["lora"] == {"rank": a["lora_rank"], "alpha": a["lora_alpha"], "dropout": a["lora_dropout"],
+                         "target_modules": a["lora_target_modules"], "num_layers": a["lora_num_layers"]}
+    d = c["dataset"]
+    for name in ("instruction_field", "input_field", "system_field", "output_field", "quality_field", "metadata_field"):
+        assert d[name] == (a[name] or None), name
+    assert (d["format"], d["train_split"], d["test_split"]) == (a["dataset_format"], a["train_split"], a["test_split"])
+    assert c["mlx"]["enabled"] == a["enable_mlx_optimization"]
+    assert c["carbon_tracking"]["enabled"] == a["enable_carbontracking"]
+    offline = a.get("carbon_offline_mode", True)  # hidden (default) when tracking is off
+    assert c["carbon_tracking"]["offline_mode"] == offline
+    assert (c["carbon_tracking"]["emissions_endpoint"] is None) == offline
+    assert c["mlflow"]["enabled"] == a["enable_mlflow"] and c["wandb"]["enabled"] == a["enable_wandb"]
+    assert c["huggingface"]["enabled"] == a["enable_huggingface_upload"]
+    assert c["evaluation"]["enabled"] == a["enable_evaluation"]
+
+
+def test_dependencies_follow_the_answers(generated):
+    project, a = generated
+    meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    extras = meta["optional-dependencies"]
+    use_mlx = a["backend"] == "mlx" or (a["backend"] == "auto" and a["enable_mlx_optimization"])
+    assert ("mlx" in extras) == use_mlx
+    assert ("transformers" in extras) == (a["backend"] != "mlx")
+    assert ("carbon" in extras) == a["enable_carbontracking"]
+    assert ("mlflow" in extras) == a["enable_mlflow"] and ("wandb" in extras) == a["enable_wandb"]
+    assert ("hf" in extras) == a["enable_huggingface_upload"]
+    assert any(d.startswith("pyarrow") for d in meta["dependencies"]) == (a["dataset_format"] == "parquet")
+    if use_mlx:
+        assert 'mlx[cpu]>=0.26; sys_platform == "linux"' in extras["mlx"]
+    listed = [line for line in (project / "requirements.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    expected = meta["dependencies"] + [d for name, deps in extras.items() if name not in {"all", "dev"} for d in deps]
+    assert sorted(listed) == sorted(expected)
+
+
+def test_sample_data_prepares(generated):
+    project, a = generated
+    code, result = script(project, "prepare_dataset.py")
+    assert code == 0, result
+    assert result["counts"]["rejected"] == 0 and result["counts"]["accepted"] >= 250
+    train = [json.loads(line) for line in (project / "data" / "processed" / "train.jsonl").read_text().splitlines()]
+    roles = {m["role"] for record in train for m in record["messages"]}
+    assert roles == ({"system", "user", "assistant"} if a["system_field"] else {"user", "assistant"})
+    assert all("quality" in r for r in train) == bool(a["quality_field"])
+    # the sample's inputs reach the prompt, from their own column or folded into the instruction
+    prompts = {m["content"] for s in ("train", "valid", "test")
+               for line in (project / "data" / "processed" / f"{s}.jsonl").read_text().splitlines()
+               for m in json.loads(line)["messages"] if m["role"] == "user"}
+    assert "Write the word in capital letters.\n\nriver" in prompts
+    raw = (project / SAMPLE[a["dataset_format"]]).read_text()
+    assert (f'"{a["input_field"]}"' in raw) == bool(a["input_field"])
+
+
+def test_project_tests_pass(generated):
+    project, _ = generated
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider"],
+                          cwd=project, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"\d+ passed", proc.stdout)

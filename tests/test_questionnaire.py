@@ -1,0 +1,163 @@
+"""copier.yml: every question is well formed, every validator rejects what it should
+(naming the question), defaults derive from earlier answers, and `when` hides questions."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import REPO, answers_of, questionnaire, render
+
+QUESTIONS = questionnaire()
+
+# Every question a wrong value is possible for: (bad value, answers it depends on).
+BAD_ANSWERS = {
+    "project_name": [("My Project", {}), ("9lives", {}), ("trailing-", {})],
+    "project_version": [("version one", {})],
+    "model_id": [("not an id", {}), ("", {"model_type": "custom"})],
+    "model_local_path": [('bad"path', {})],
+    "stage1_iterations": [(0, {})],
+    "stage1_learning_rate": [(0, {}), (1.5, {})],
+    "stage1_batch_size": [(0, {})],
+    "stage1_warmup_steps": [(-1, {}), (101, {"stage1_iterations": 100})],
+    "stage2_iterations": [(0, {"num_stages": 2})],
+    "stage2_learning_rate": [(0, {"num_stages": 2})],
+    "stage2_batch_size": [(0, {"num_stages": 2})],
+    "stage2_warmup_steps": [(500, {"num_stages": 2, "stage2_iterations": 150})],
+    "replay_ratio": [(1.0, {"num_stages": 2}), (-0.1, {"num_stages": 2})],
+    "gradient_accumulation_steps": [(0, {})],
+    "save_steps": [(0, {})],
+    "eval_steps": [(0, {})],
+    "max_seq_length": [(8, {})],
+    "seed": [(-1, {})],
+    "lora_rank": [(0, {}), (4096, {})],
+    "lora_alpha": [(0, {})],
+    "lora_dropout": [(1.0, {})],
+    "lora_target_modules": [("q_proj", {}), ([], {}), (["q proj"], {}), ({"q_proj": 1}, {})],
+    "lora_num_layers": [(0, {}), (-2, {})],
+    "instruction_field": [("bad!", {}), ("", {})],
+    "input_field": [("bad!", {})],
+    "system_field": [("bad!", {})],
+    "output_field": [("bad!", {}), ("instruction", {"instruction_field": "instruction"})],
+    "quality_field": [("bad!", {})],
+    "metadata_field": [("bad!", {})],
+    "train_split": [(0, {}), (1, {})],
+    "validation_split": [(0, {})],
+    "test_split": [(0.5, {}), (0, {})],
+    "quality_weight_multiplier": [(0.5, {})],
+    "carbon_project_name": [("  ", {})],
+    "carbon_country_iso_code": [("usa", {}), ("US", {})],
+    "mlflow_tracking_uri": [("::nope", {"enable_mlflow": True})],
+    "wandb_project": [("has space", {"enable_wandb": True})],
+    "hf_repo_prefix": [("-bad", {"enable_huggingface_upload": True})],
+}
+CHOICE_ANSWERS = {"model_type": "gpt", "quantization": "q3", "num_stages": 3, "backend": "jax", "dataset_format": "xml"}
+
+
+def test_every_question_has_type_and_help():
+    for name, spec in QUESTIONS.items():
+        assert spec.get("type") in {"str", "int", "float", "bool", "yaml"}, name
+        assert spec.get("help", "").strip(), f"{name} has no help"
+        assert "default" in spec, f"{name} has no default"
+
+
+def test_every_free_question_has_a_validator_and_a_failing_case():
+    """Questions without choices that are not booleans or prose need a validator, and
+    every validator appears in BAD_ANSWERS (so this file tests it)."""
+    for name, spec in QUESTIONS.items():
+        if "choices" in spec or spec["type"] == "bool" or name == "project_description":
+            continue
+        assert "validator" in spec, f"{name} can take a wrong value but has no validator"
+    with_validator = {n for n, s in QUESTIONS.items() if "validator" in s}
+    assert with_validator == set(BAD_ANSWERS), with_validator ^ set(BAD_ANSWERS)
+    assert {n for n, s in QUESTIONS.items() if "choices" in s} == set(CHOICE_ANSWERS)
+
+
+@pytest.mark.parametrize(
+    ("question", "bad", "context"),
+    [(q, bad, ctx) for q, cases in BAD_ANSWERS.items() for bad, ctx in cases],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_validator_rejects_and_names_the_question(tmp_path, question, bad, context):
+    with pytest.raises(ValueError) as caught:
+        render(tmp_path / "p", **{**context, question: bad})
+    message = str(caught.value)
+    assert f"question '{question}'" in message and question in message.split(":", 1)[1]
+    assert not (tmp_path / "p" / "config").exists(), "nothing may be written for rejected answers"
+
+
+@pytest.mark.parametrize(("question", "bad"), CHOICE_ANSWERS.items())
+def test_choices_reject_unknown_values(tmp_path, question, bad):
+    with pytest.raises(ValueError, match=f"Invalid choice for '{question}'"):
+        render(tmp_path / "p", **{question: bad})
+
+
+def test_custom_model_requires_a_model_id(tmp_path):
+    with pytest.raises(ValueError, match="model_id.*required for custom models"):
+        render(tmp_path / "p", model_type="custom")
+    project = render(tmp_path / "q", model_type="custom", model_id="Qwen/Qwen2.5-0.5B-Instruct")
+    assert answers_of(project)["model_id"] == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+@pytest.mark.parametrize(("model_type", "model_id", "modules"), [
+    ("olmo", "allenai/OLMo-2-0425-1B-Instruct", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ("llama", "meta-llama/Llama-3.2-1B-Instruct", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ("mistral", "mistralai/Mistral-7B-Instruct-v0.3", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+])
+def test_defaults_follow_the_model_type(tmp_path, model_type, model_id, modules):
+    answers = answers_of(render(tmp_path / "p", model_type=model_type))
+    assert answers["model_id"] == model_id
+    assert answers["lora_target_modules"] == modules
+
+
+def test_defaults_derive_from_earlier_answers(tmp_path):
+    project = render(tmp_path / "p", project_name="health-notes", lora_rank=32, train_split=0.7,
+                     validation_split=0.2, stage1_batch_size=8, num_stages=2)
+    answers = answers_of(project)
+    assert answers["lora_alpha"] == 64
+    assert answers["test_split"] == pytest.approx(0.1)
+    assert answers["stage2_batch_size"] == 8
+    assert answers["carbon_project_name"] == "health-notes"
+    config = yaml.safe_load((project / "config" / "fine_tuning_config.yaml").read_text())
+    assert config["dataset"]["test_split"] == pytest.approx(0.1)
+    assert config["mlflow"]["experiment_name"] == "health-notes-training"
+
+
+def test_when_hides_stage2_questions_for_one_stage(tmp_path):
+    stage2 = {"stage2_iterations", "stage2_learning_rate", "stage2_batch_size", "stage2_warmup_steps", "replay_ratio"}
+    assert all(QUESTIONS[q]["when"] == "{{ num_stages == 2 }}" for q in stage2)
+    one = render(tmp_path / "one", num_stages=1)
+    assert not stage2 & set(answers_of(one))
+    assert "stage2" not in yaml.safe_load((one / "config" / "fine_tuning_config.yaml").read_text())["training"]
+    two = render(tmp_path / "two", num_stages=2, replay_ratio=0.25)
+    assert stage2 <= set(answers_of(two))
+    stage = yaml.safe_load((two / "config" / "fine_tuning_config.yaml").read_text())["training"]["stage2"]
+    assert stage == {"iterations": 150, "learning_rate": 1e-6, "batch_size": 4, "warmup_steps": 0, "replay_ratio": 0.25}
+
+
+@pytest.mark.parametrize(("flag", "dependents"), [
+    ("enable_quality_weighting", {"quality_weight_multiplier"}),
+    ("enable_carbontracking", {"carbon_project_name", "carbon_country_iso_code", "carbon_offline_mode"}),
+    ("enable_mlflow", {"mlflow_tracking_uri"}),
+    ("enable_wandb", {"wandb_project"}),
+    ("enable_huggingface_upload", {"hf_repo_prefix", "hf_private_repos"}),
+])
+def test_feature_questions_are_asked_only_when_enabled(tmp_path, flag, dependents):
+    off = answers_of(render(tmp_path / "off", **{flag: False}))
+    on = answers_of(render(tmp_path / "on", **{flag: True}))
+    assert not dependents & set(off)
+    assert dependents <= set(on)
+
+
+def test_strict_undefined_and_settings():
+    data = yaml.safe_load((REPO / "copier.yml").read_text())
+    assert data["_envops"]["undefined"] == "jinja2.StrictUndefined"
+    assert data["_subdirectory"] == "template"
+    assert data["_min_copier_version"]
+    assert "data/raw/*" in data["_skip_if_exists"] and ".env" in data["_skip_if_exists"]
+    assert (REPO / "template" / "{{_copier_conf.answers_file}}.jinja").is_file()
+
+
+def test_readme_documents_every_question():
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in QUESTIONS if f"`{name}`" not in readme]
+    assert not missing, f"README.md's questionnaire table lacks {missing}"
