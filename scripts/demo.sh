@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The main job, end to end on the built-in tiny model, as a user would run it:
+# generate a project with the default answers, install it, build its tiny OLMo-2 model
+# (both engines load it), prepare the sample data (lengths measured with that model's
+# tokenizer) and run the project's own tests. It grows as training, evaluation and
+# export land.
+#
+#   bash scripts/demo.sh [DEST]     (default DEST: ./demo-project; must not exist)
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+dest=${1:-demo-project}
+if [ -e "$dest" ]; then
+    echo "demo: $dest already exists; pass a new directory" >&2
+    exit 2
+fi
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "generate a project (default answers) from $here"
+copier copy --defaults --trust --quiet --vcs-ref HEAD "$here" "$dest"
+cd "$dest"
+ls
+
+step "install it (torch is pinned to the CPU build first where that build is on disk)"
+python -m pip install -q torch==2.13.0 2>/dev/null || true
+python -m pip install -q -e '.[mlx,transformers,dev]'
+
+step "build the tiny model and check that transformers and mlx-lm load it"
+python scripts/make_tiny_model.py
+
+step "prepare the sample data"
+OLMO_BASE_MODEL__LOCAL_PATH=models/tiny-olmo2 python scripts/prepare_dataset.py
+python -c "import json; r = json.load(open('data/quality_reports/latest.json')); print('token lengths:', r['lengths']['total'])"
+
+step "the project's own tests"
+python -m pytest -q -p no:cacheprovider
+
+step "done: $(pwd)"
