@@ -23,6 +23,13 @@ for key, value in {"GIT_AUTHOR_NAME": "Template Tests", "GIT_AUTHOR_EMAIL": "tes
     os.environ.setdefault(key, value)
 
 
+def pytest_configure(config):
+    """pytest-copie renders the template at --template (default: the cwd); default to this
+    repository so the tests work from any directory."""
+    if Path(getattr(config.option, "template", ".")).resolve() == Path.cwd() != REPO:
+        config.option.template = str(REPO)
+
+
 def questionnaire() -> dict[str, dict[str, Any]]:
     """The questions of copier.yml (settings starting with '_' left out)."""
     data = yaml.safe_load((REPO / "copier.yml").read_text())
