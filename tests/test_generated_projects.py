@@ -19,10 +19,14 @@ from conftest import script
 SOURCES = {
     ".copier-answers.yml", ".env.example", ".gitignore", "README.md", "pyproject.toml", "requirements.txt",
     "config/fine_tuning_config.yaml",
-    "trainer/__init__.py", "trainer/cli.py", "trainer/config.py", "trainer/dataset_preparator.py",
-    "trainer/errors.py", "trainer/tiny_model.py",
-    "scripts/prepare_dataset.py", "scripts/make_tiny_model.py",
+    "trainer/__init__.py", "trainer/base_trainer.py", "trainer/cli.py", "trainer/config.py",
+    "trainer/dataset_preparator.py", "trainer/errors.py", "trainer/files.py", "trainer/mlx_trainer.py",
+    "trainer/pipeline.py", "trainer/tiny_model.py", "trainer/training_data.py", "trainer/training_run_manager.py",
+    "trainer/transformers_trainer.py", "trainer/weighting.py",
+    "scripts/configure_run.py", "scripts/make_tiny_model.py", "scripts/prepare_dataset.py", "scripts/status.py",
+    "scripts/train.py",
     "tests/conftest.py", "tests/test_config.py", "tests/test_dataset.py", "tests/test_tiny_model.py",
+    "tests/test_trainer.py",
     "data/processed/.gitkeep", "data/quality_reports/.gitkeep", "runs/.gitkeep", "logs/.gitkeep",
     "emissions/.gitkeep",
 }
@@ -63,7 +67,10 @@ def files_of(project: Path) -> set[str]:
 
 def test_exact_file_set(generated):
     project, answers = generated
-    assert files_of(project) == SOURCES | {SAMPLE[answers["dataset_format"]]}
+    stage2 = {SAMPLE[answers["dataset_format"]].replace("raw/sample_dataset", "raw/stage2/sample_domain")}
+    assert files_of(project) == SOURCES | {SAMPLE[answers["dataset_format"]]} | (
+        stage2 if answers["num_stages"] == 2 else set())
+    assert (project / "data" / "raw" / "stage2").is_dir() == (answers["num_stages"] == 2)
 
 
 def test_no_template_leftovers(generated):
@@ -151,9 +158,16 @@ def test_sample_data_prepares(generated):
     project, a = generated
     code, result = script(project, "prepare_dataset.py")
     assert code == 0, result
-    assert result["counts"]["rejected"] == 0 and result["counts"]["accepted"] >= 250
-    train = [json.loads(line) for line in (project / "data" / "processed" / "train.jsonl").read_text().splitlines()]
-    roles = {m["role"] for record in train for m in record["messages"]}
+    accepted = result["counts"]["accepted"] + (result["stage2"]["counts"]["accepted"] if "stage2" in result else 0)
+    assert result["counts"]["rejected"] == 0 and accepted == 280
+    assert ("stage2" in result) == (a["num_stages"] == 2)
+    if a["num_stages"] == 2:  # stage 2 is the 'domain': geography and counting
+        report = json.loads((project / result["stage2"]["report"]).read_text())
+        assert set(report["categories"]) <= {"geography", "counting"} or not a["metadata_field"]
+    processed = project / "data" / "processed"
+    train = [json.loads(line) for line in (processed / "train.jsonl").read_text().splitlines()]
+    everything = [json.loads(line) for path in processed.rglob("*.jsonl") for line in path.read_text().splitlines()]
+    roles = {m["role"] for record in everything for m in record["messages"]}
     assert roles == ({"system", "user", "assistant"} if a["system_field"] else {"user", "assistant"})
     assert all("quality" in r for r in train) == bool(a["quality_field"])
     # the sample's inputs reach the prompt, from their own column or folded into the instruction

@@ -44,6 +44,7 @@ BAD_ANSWERS = {
     "validation_split": [(0, {})],
     "test_split": [(0.5, {}), (0, {})],
     "quality_weight_multiplier": [(0.5, {})],
+    "quality_threshold": [(1.5, {})],
     "carbon_project_name": [("  ", {})],
     "carbon_country_iso_code": [("usa", {}), ("US", {})],
     "mlflow_tracking_uri": [("::nope", {"enable_mlflow": True})],
@@ -135,7 +136,7 @@ def test_when_hides_stage2_questions_for_one_stage(tmp_path):
 
 
 @pytest.mark.parametrize(("flag", "dependents"), [
-    ("enable_quality_weighting", {"quality_weight_multiplier"}),
+    ("enable_quality_weighting", {"quality_weight_multiplier", "quality_threshold"}),
     ("enable_carbontracking", {"carbon_project_name", "carbon_country_iso_code", "carbon_offline_mode"}),
     ("enable_mlflow", {"mlflow_tracking_uri"}),
     ("enable_wandb", {"wandb_project"}),

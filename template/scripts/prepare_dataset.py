@@ -4,6 +4,7 @@
     python scripts/prepare_dataset.py                  # the files in dataset.raw_files
     python scripts/prepare_dataset.py --input my.csv   # other files (format from extension)
     python scripts/prepare_dataset.py --skip-invalid   # drop bad rows, list them in the report
+    python scripts/prepare_dataset.py --stage 2 --input domain.jsonl   # stage 2's data -> data/processed/stage2
 """
 
 from __future__ import annotations
@@ -20,11 +21,24 @@ from trainer.dataset_preparator import prepare  # noqa: E402
 def main(args) -> dict:
     config = cli.config_from(args)
     inputs = [Path(p) for p in args.input] if args.input else None
-    tokenizer = Path(args.tokenizer).expanduser().resolve() if args.tokenizer else None
-    return prepare(config, inputs, skip_invalid=args.skip_invalid, tokenizer_path=tokenizer)
+    options = {"skip_invalid": args.skip_invalid,
+               "tokenizer_path": Path(args.tokenizer).expanduser().resolve() if args.tokenizer else None,
+               "output_dir": Path(args.output_dir).resolve() if args.output_dir else None}
+    if args.stage == 2 and config.training.num_stages != 2:
+        raise cli.ProjectError("--stage 2: this project trains one stage (training.num_stages is 1)")
+    if args.stage or inputs or config.training.num_stages == 1:
+        return prepare(config, inputs, stage=args.stage or 1, **options)
+    # both stages: stage 1's summary at the top level, stage 2's under "stage2"
+    return {**prepare(config, stage=1, **options), "stage2": prepare(config, stage=2, **options)}
 
 
 def show(result: dict) -> None:
+    if "stage2" in result:
+        print("stage 1:")
+        show({k: v for k, v in result.items() if k != "stage2"})
+        print("stage 2:")
+        show(result["stage2"])
+        return
     counts = result["counts"]
     print(f"read {counts['rows_read']} rows: {counts['accepted']} accepted, {counts['rejected']} rejected, "
           f"{counts['duplicates_removed']} duplicates removed")
@@ -41,5 +55,9 @@ if __name__ == "__main__":
     parser.add_argument("--input", nargs="+", metavar="FILE", help="raw files to read instead of dataset.raw_files")
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid rows and report them")
     parser.add_argument("--tokenizer", metavar="DIR", help="model directory whose tokenizer measures lengths")
+    parser.add_argument("--stage", type=int, choices=(1, 2),
+                        help="prepare one stage (default: every configured stage)")
+    parser.add_argument("--output-dir", metavar="DIR",
+                        help="where the splits go instead of dataset.processed_dir (e.g. data/processed/stage2)")
     arguments = parser.parse_args()
     sys.exit(cli.run(main, arguments, show))

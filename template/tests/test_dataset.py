@@ -40,7 +40,8 @@ def good_row(config, i: int, **extra) -> dict:
 def use_only(project: Path, name: str, lines: list[str]):
     """Replace the raw data with one jsonl file and point the config at it."""
     for old in (project / "data" / "raw").iterdir():
-        old.unlink()
+        if old.is_file():
+            old.unlink()
     (project / "data" / "raw" / name).write_text("".join(line + "\n" for line in lines))
     return load_config(project / "config" / "fine_tuning_config.yaml", environ={},
                        overrides={"dataset.raw_files": [f"data/raw/{name}"]})
@@ -50,7 +51,7 @@ def test_sample_dataset_prepares_into_three_chat_splits(config, project):
     raw_before = snapshot(project / "data" / "raw")
     result = prepare(config)
     counts = result["counts"]
-    assert counts["rejected"] == 0 and counts["accepted"] >= 200
+    assert counts["rejected"] == 0 and counts["accepted"] >= 150
     assert counts["train"] + counts["valid"] + counts["test"] == counts["accepted"]
     assert abs(counts["test"] - round(counts["accepted"] * config.dataset.test_split)) <= 1
     train = rows(project / "data" / "processed" / "train.jsonl")

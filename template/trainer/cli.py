@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
+
+import yaml
 
 from trainer.config import DEFAULT_CONFIG, ConfigError, FineTuningConfig, load_config
 from trainer.errors import ProjectError
@@ -28,6 +31,20 @@ def config_from(args: argparse.Namespace) -> FineTuningConfig:
     return load_config(args.config)
 
 
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """--set key.path=value pairs; values are read as YAML (numbers, booleans, lists)."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ProjectError(f"--set {item!r}: expected key.path=value, e.g. training.stage1.iterations=50")
+        try:
+            overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
 def run(main: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace,
         show: Callable[[dict[str, Any]], None]) -> int:
     """Call `main(args)` and report its result or error per the output contract."""
@@ -37,6 +54,9 @@ def run(main: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Nam
         return _fail(args, "config_error", str(error), {"source": error.source, "problems": error.problems})
     except ProjectError as error:
         return _fail(args, error.kind, str(error), error.details)
+    except Exception as error:  # the contract holds for the unexpected too; the traceback goes to stderr
+        traceback.print_exc()
+        return _fail(args, "internal_error", f"{type(error).__name__}: {error}", {})
     if args.json:
         print(json.dumps(result, default=str))
     else:

@@ -96,12 +96,26 @@ class TrainingSection(Section):
     max_seq_length: int = Field(default=2048, ge=16)
     gradient_checkpointing: bool = True
     gradient_accumulation_steps: int = Field(default=1, ge=1)
+    mask_prompt: bool = True
     stage1: StageSection = StageSection()
     stage2: Optional[Stage2Section] = None
     quality_weighting: bool = True
     quality_weight_multiplier: float = Field(default=2.5, ge=1, le=100)
+    quality_threshold: float = Field(default=0.8, ge=0, le=1)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)
     save_steps: int = Field(default=50, ge=1)
     eval_steps: int = Field(default=25, ge=1)
+    log_steps: int = Field(default=10, ge=1)
+    val_batches: int = Field(default=25)
+
+    @field_validator("val_batches")
+    @classmethod
+    def _val_batches(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"val_batches must be -1 (the whole validation set) or >= 1, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _stage2_present(self) -> TrainingSection:
@@ -148,6 +162,7 @@ class LoraSection(Section):
 class DatasetSection(Section):
     format: Literal["jsonl", "csv", "parquet"] = "jsonl"
     raw_files: list[str] = Field(default_factory=lambda: ["data/raw/*.jsonl"], min_length=1)
+    stage2_raw_files: list[str] = Field(default_factory=lambda: ["data/raw/stage2/*.jsonl"], min_length=1)
     processed_dir: Path = Path("data/processed")
     reports_dir: Path = Path("data/quality_reports")
     record_format: Literal["chat", "completions"] = "chat"
@@ -261,12 +276,17 @@ class FineTuningConfig(Section):
     evaluation: EvaluationSection = EvaluationSection()
     paths: PathsSection = PathsSection()
 
-    # Where relative paths point; not part of the YAML.
+    # Where relative paths point, and the file this was loaded from; not part of the YAML.
     _root: Path = PROJECT_ROOT
+    _source: Path = DEFAULT_CONFIG
 
     @property
     def root(self) -> Path:
         return self._root
+
+    @property
+    def source(self) -> Path:
+        return self._source
 
     def resolve(self, path: Path | str) -> Path:
         """A config path made absolute against the project root ('~' expanded)."""
@@ -405,4 +425,5 @@ def load_config(
         parent = path.resolve().parent
         root = parent.parent if parent.name == "config" else parent
     config._root = Path(root).resolve()
+    config._source = path.resolve()
     return config

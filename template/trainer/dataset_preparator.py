@@ -17,10 +17,8 @@ import glob
 import hashlib
 import json
 import math
-import os
 import random
 import statistics
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,8 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer import weighting
 from trainer.config import DatasetSection, FineTuningConfig
 from trainer.errors import ProjectError
+from trainer.files import sha256_file, write_atomic
 
 SPLITS = ("train", "valid", "test")
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -83,10 +83,12 @@ class Rejected(Exception):
 # ----------------------------------------------------------------- reading
 
 
-def find_inputs(dataset: DatasetSection, root: Path) -> list[Path]:
-    """The raw files matched by dataset.raw_files, sorted, each once."""
+def find_inputs(dataset: DatasetSection, root: Path, stage: int = 1) -> list[Path]:
+    """The raw files of a stage (dataset.raw_files, or stage2_raw_files), sorted, each once."""
+    patterns = dataset.raw_files if stage == 1 else dataset.stage2_raw_files
+    key = "raw_files" if stage == 1 else "stage2_raw_files"
     found: dict[Path, None] = {}
-    for pattern in dataset.raw_files:
+    for pattern in patterns:
         full = Path(pattern).expanduser()
         full = full if full.is_absolute() else root / full
         for match in sorted(glob.glob(str(full))):
@@ -94,10 +96,11 @@ def find_inputs(dataset: DatasetSection, root: Path) -> list[Path]:
             if path.is_file():
                 found.setdefault(path.resolve(), None)
     if not found:
+        where = "data/raw/" if stage == 1 else "data/raw/stage2/"
         raise DatasetError(
-            f"no raw data files match dataset.raw_files {dataset.raw_files} (relative to {root}); "
-            f"put {dataset.format} files in data/raw/ or pass --input",
-            details={"patterns": dataset.raw_files},
+            f"no raw data files match dataset.{key} {patterns} (relative to {root}); "
+            f"put {dataset.format} files in {where} or pass --input",
+            details={"patterns": patterns, "stage": stage},
         )
     return list(found)
 
@@ -285,27 +288,6 @@ def split(examples: list[Any], dataset: DatasetSection, seed: int) -> dict[str, 
     return {name: [examples[i] for i in sorted(cuts[name])] for name in SPLITS}
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and os.replace, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------- report
 
 
@@ -438,12 +420,15 @@ def prepare(
     config: FineTuningConfig,
     inputs: Optional[list[Path]] = None,
     *,
+    stage: int = 1,
+    output_dir: Optional[Path] = None,
     skip_invalid: bool = False,
     tokenizer_path: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """Prepare the processed splits and the quality report; returns a summary."""
+    """Prepare one stage's processed splits and quality report; returns a summary.
+    Stage 1 writes to dataset.processed_dir, stage 2 to its stage2/ folder."""
     dataset = config.dataset
-    paths = [Path(p).resolve() for p in inputs] if inputs else find_inputs(dataset, config.root)
+    paths = [Path(p).resolve() for p in inputs] if inputs else find_inputs(dataset, config.root, stage)
     prepared = collect(config, paths)
 
     if prepared.errors and not skip_invalid:
@@ -461,7 +446,7 @@ def prepare(
         )
 
     splits = split(prepared.examples, dataset, config.training.seed)
-    out_dir = config.resolve(dataset.processed_dir)
+    out_dir = output_dir or config.resolve(dataset.processed_dir) / ("" if stage == 1 else "stage2")
     outputs = {}
     for name in SPLITS:
         path = out_dir / f"{name}.jsonl"
@@ -476,6 +461,7 @@ def prepare(
     now = datetime.now(timezone.utc)
     report = {
         "generated_at": now.isoformat(timespec="seconds"),
+        "stage": stage,
         "seed": config.training.seed,
         "record_format": dataset.record_format,
         "fields": {k: getattr(dataset, k) for k in (
@@ -491,13 +477,17 @@ def prepare(
         "outputs": outputs,
         "rejected": [asdict(e) for e in prepared.errors[:MAX_LISTED_ERRORS]],
         "duplicates": prepared.duplicates[:MAX_LISTED_ERRORS],
+        # weighting applies to the training split only (it is split off before weighting)
+        "weighting": weighting.summary([e.quality for e in splits["train"]], config.training.quality_weight_multiplier,
+                                       config.training.quality_threshold, config.training.quality_weighting),
         **quality_report(prepared.examples, tokenizer, config.training.max_seq_length),
     }
     reports_dir = config.resolve(dataset.reports_dir)
-    report_path = reports_dir / f"quality_report_{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+    label = "" if stage == 1 else "_stage2"
+    report_path = reports_dir / f"quality_report{label}_{now.strftime('%Y%m%dT%H%M%SZ')}.json"
     text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     write_atomic(report_path, text)
-    write_atomic(reports_dir / "latest.json", text)
+    write_atomic(reports_dir / f"latest{label}.json", text)
     return {
         "counts": report["counts"],
         "outputs": outputs,

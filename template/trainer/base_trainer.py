@@ -1,0 +1,289 @@
+"""The backend interface and the one training loop both engines run.
+
+The loop owns everything that must mean the same on mlx and transformers: which rows
+form each batch (trainer.training_data.Sampler), the learning-rate schedule, gradient
+accumulation, when to report, evaluate and checkpoint, stopping on a non-finite loss,
+and saving a checkpoint on SIGTERM. A backend only computes losses and gradients,
+applies updates, and saves/restores its own weights and optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from trainer.config import LoraSection, TrainingSection
+from trainer.errors import ProjectError
+from trainer.files import TEMP_PREFIX, read_json, sha256_file, write_json
+from trainer.training_data import Batch, Sampler, TokenizedSet, collate, eval_batches
+
+CHECKPOINT_PREFIX = "iter-"
+KEEP_CHECKPOINTS = 2
+
+
+class TrainingError(ProjectError):
+    kind = "training_error"
+
+
+class NonFiniteLoss(TrainingError):
+    kind = "non_finite_loss"
+
+
+class Cancelled(TrainingError):
+    kind = "cancelled"
+
+
+class TrainingCallback:
+    """Hooks in the style of mlx-lm's tuner callbacks; `info` is one metrics record."""
+
+    def on_train_loss_report(self, info: dict[str, Any]) -> None:
+        pass
+
+    def on_val_loss_report(self, info: dict[str, Any]) -> None:
+        pass
+
+    def on_checkpoint(self, info: dict[str, Any]) -> None:
+        pass
+
+
+class Backend(ABC):
+    """One engine. `load`, then `add_adapters`, then `setup_optimizer`, then steps."""
+
+    name: str = ""
+    tokenizer: Any = None
+    pad_multiple: int = 1  # batch widths are rounded up to this (compiled engines like few shapes)
+
+    @abstractmethod
+    def load(self, source: str, quantization: str, cache_dir: Path) -> dict[str, Any]:
+        """Load the base model and tokenizer; returns facts for the manifest."""
+
+    @abstractmethod
+    def add_adapters(self, lora: LoraSection, gradient_checkpointing: bool, init_from: Optional[Path]) -> int:
+        """Freeze the base, add LoRA layers (weights from `init_from` if given); returns trainable parameters."""
+
+    @abstractmethod
+    def setup_optimizer(self, training: TrainingSection) -> None:
+        """AdamW over the adapter weights, with the config's weight decay and clipping."""
+
+    @abstractmethod
+    def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool) -> float:
+        """Forward and backward one micro-batch (loss divided by `accumulation`); apply
+        the accumulated update when `update`. Returns the micro-batch's mean loss."""
+
+    @abstractmethod
+    def evaluate(self, batches: list[Batch]) -> float:
+        """Mean loss over the target tokens of `batches`, without gradients."""
+
+    @abstractmethod
+    def save_adapter(self, folder: Path) -> None:
+        """The adapter in the engine's own format (loads back with that engine's tools)."""
+
+    @abstractmethod
+    def save_state(self, folder: Path) -> None:
+        """Optimizer state and RNG state, next to a saved adapter."""
+
+    @abstractmethod
+    def load_state(self, folder: Path) -> None:
+        """Restore the adapter weights, optimizer state and RNG state of a checkpoint."""
+
+    @abstractmethod
+    def peak_memory_gb(self) -> float:
+        ...
+
+    @abstractmethod
+    def versions(self) -> dict[str, str]:
+        ...
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+
+def process_peak_memory_gb() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
+
+
+def learning_rate(iteration: int, peak: float, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup to `peak`, then constant or cosine decay to 10% of it (iteration is 1-based)."""
+    if warmup and iteration <= warmup:
+        return peak * iteration / warmup
+    if schedule == "constant" or total <= warmup:
+        return peak
+    progress = (iteration - warmup) / (total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first. A checkpoint is complete when its
+    checkpoint.json exists and every file it lists has the recorded hash; anything else
+    (a directory a killed writer left, a truncated file) is ignored."""
+    found = []
+    if not folder.is_dir():
+        return found
+    for path in folder.iterdir():
+        if not path.name.startswith(CHECKPOINT_PREFIX) or not path.is_dir():
+            continue
+        try:
+            index = read_json(path / "checkpoint.json")
+            if all(sha256_file(path / name) == digest for name, digest in index["files"].items()):
+                found.append((int(index["iteration"]), path))
+        except (OSError, ValueError, KeyError):
+            continue
+    return sorted(found)
+
+
+def save_checkpoint(backend: Backend, folder: Path, iteration: int, extra: dict[str, Any]) -> Path:
+    """Write into a temp directory, list every file with its hash last, then rename:
+    a checkpoint directory either is complete or does not exist."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{CHECKPOINT_PREFIX}{iteration:07d}"
+    tmp = folder / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    backend.save_adapter(tmp / "adapter")
+    backend.save_state(tmp)
+    write_json(tmp / "state.json", {"iteration": iteration, **extra})
+    files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    write_json(tmp / "checkpoint.json", {"iteration": iteration, "files": files})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in checkpoint_dirs(folder)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------- the loop
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    train: TokenizedSet
+    valid: TokenizedSet
+    sampler: Sampler
+    iterations: int
+    learning_rate: float
+    warmup_steps: int
+    schedule: str
+    accumulation: int
+    batch_size: int
+    log_steps: int
+    eval_steps: int
+    save_steps: int
+    val_batches: int
+    checkpoint_dir: Path
+    adapter_dir: Path
+    start_iteration: int = 0
+    stop_requested: Callable[[], bool] = lambda: False
+    callbacks: list[TrainingCallback] = field(default_factory=list)
+
+
+@dataclass
+class StageResult:
+    iterations: int
+    train_loss: Optional[float] = None
+    val_loss_before: Optional[float] = None
+    val_loss: Optional[float] = None
+    tokens: int = 0
+    tokens_per_second: float = 0.0
+    seconds: float = 0.0
+    peak_memory_gb: float = 0.0
+    resumed_from: Optional[int] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
+    """Run one stage from `plan.start_iteration` to `plan.iterations`."""
+    result = StageResult(iterations=plan.iterations,
+                         resumed_from=plan.start_iteration or None)
+    valid = eval_batches(plan.valid, plan.batch_size, plan.val_batches, backend.pad_id, backend.pad_multiple)
+    started = time.perf_counter()
+
+    def report(kind: str, iteration: int, **values: Any) -> dict[str, Any]:
+        elapsed = time.perf_counter() - started
+        done = iteration - plan.start_iteration
+        eta = elapsed / done * (plan.iterations - iteration) if done > 0 else None
+        info = {"stage": plan.stage, "iteration": iteration, "total_iterations": plan.iterations,
+                "learning_rate": learning_rate(max(iteration, 1), plan.learning_rate, plan.warmup_steps,
+                                               plan.iterations, plan.schedule),
+                "peak_memory_gb": round(backend.peak_memory_gb(), 4), "elapsed": round(elapsed, 3),
+                "eta": round(eta, 1) if eta is not None else None, "time": time.time(), **values}
+        for callback in plan.callbacks:
+            getattr(callback, f"on_{kind}_loss_report")(info)
+        return info
+
+    if plan.start_iteration == 0 and valid:
+        result.val_loss_before = backend.evaluate(valid)
+        report("val", 0, val_loss=result.val_loss_before, train_loss=None)
+
+    window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+    for iteration in range(plan.start_iteration + 1, plan.iterations + 1):
+        lr = learning_rate(iteration, plan.learning_rate, plan.warmup_steps, plan.iterations, plan.schedule)
+        tic = time.perf_counter()
+        loss = 0.0
+        for micro in range(plan.accumulation):
+            batch = collate(plan.train, plan.sampler.batch(iteration, micro), backend.pad_id, backend.pad_multiple)
+            loss += backend.step(batch, lr, plan.accumulation, update=micro == plan.accumulation - 1)
+            window_tokens += batch.tokens
+        loss /= plan.accumulation
+        window_time += time.perf_counter() - tic
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"stage {plan.stage}: the training loss became {loss} at iteration {iteration}; "
+                                "lower the learning rate or check the data and the base model",
+                                details={"stage": plan.stage, "iteration": iteration})
+        window_loss += loss
+        window_steps += 1
+
+        last = iteration == plan.iterations
+        if iteration % plan.log_steps == 0 or last:
+            result.train_loss = window_loss / window_steps
+            tps = window_tokens / window_time if window_time > 0 else 0.0
+            report("train", iteration, train_loss=result.train_loss, tokens_per_second=round(tps, 2),
+                   tokens=window_tokens)
+            result.tokens += window_tokens
+            result.seconds += window_time
+            window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+        if valid and (iteration % plan.eval_steps == 0 or last):
+            result.val_loss = backend.evaluate(valid)
+            report("val", iteration, val_loss=result.val_loss, train_loss=None)
+        stopping = plan.stop_requested()
+        if iteration % plan.save_steps == 0 or last or stopping:
+            path = save_checkpoint(backend, plan.checkpoint_dir, iteration,
+                                   {"stage": plan.stage, "train_loss": result.train_loss, "val_loss": result.val_loss})
+            for callback in plan.callbacks:
+                callback.on_checkpoint({"stage": plan.stage, "iteration": iteration, "path": str(path)})
+        if stopping and not last:
+            raise Cancelled(f"stage {plan.stage} cancelled at iteration {iteration}; a checkpoint was saved, "
+                            "continue with --resume", details={"stage": plan.stage, "iteration": iteration})
+
+    tmp = plan.adapter_dir.parent / f"{TEMP_PREFIX}{plan.adapter_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    backend.save_adapter(tmp)
+    if plan.adapter_dir.exists():
+        shutil.rmtree(plan.adapter_dir)
+    os.replace(tmp, plan.adapter_dir)
+    result.tokens_per_second = round(result.tokens / result.seconds, 2) if result.seconds else 0.0
+    result.peak_memory_gb = round(backend.peak_memory_gb(), 4)
+    return result
+
+
+def hardware() -> dict[str, Any]:
+    return {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpus": os.cpu_count()}

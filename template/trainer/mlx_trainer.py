@@ -1,0 +1,193 @@
+"""The mlx-lm backend (Apple silicon; Linux through mlx[cpu]).
+
+Uses mlx-lm's own loading, quantization (mlx_lm.convert) and LoRA layers; the adapter
+is saved in mlx-lm's format (adapters.safetensors + adapter_config.json), so
+`mlx_lm.load(base, adapter_path=...)` and `mlx_lm.generate --adapter-path` use it as is.
+The step is compiled like mlx-lm's own trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm import load as mlx_load
+from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from trainer.base_trainer import Backend, TrainingError, process_peak_memory_gb
+from trainer.config import LoraSection, TrainingSection
+from trainer.files import TEMP_PREFIX
+from trainer.training_data import Batch
+
+QUANT_BITS = {"q4": 4, "q8": 8}
+
+
+def lora_keys(layer: nn.Module, targets: list[str]) -> list[str]:
+    """Module paths inside a transformer block for the configured target names: a plain
+    name (q_proj) matches any linear layer ending in it; a dotted one must match exactly."""
+    keys = []
+    for path, module in layer.named_modules():
+        if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            continue
+        if any(path == t or (("." not in t) and path.split(".")[-1] == t) or path.endswith("." + t) for t in targets):
+            keys.append(path)
+    return sorted(keys)
+
+
+def quantized_copy(source: str, bits: int, cache_dir: Path) -> Path:
+    """Quantize the base model once with mlx-lm and cache it; later runs reuse the copy."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", source.strip("/"))[-80:]
+    target = cache_dir / f"{name}-q{bits}"
+    if (target / "config.json").is_file():
+        return target
+    from mlx_lm import convert
+
+    tmp = cache_dir / f"{TEMP_PREFIX}{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    convert(source, mlx_path=str(tmp), quantize=True, q_bits=bits, q_group_size=64)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+    pad_multiple = 32  # as mlx-lm's own batching: each new shape costs a compile
+
+    def __init__(self, seed: int):
+        mx.random.seed(seed)
+        self.model = None
+        self.optimizer = None
+        self.lora_config: dict[str, Any] = {}
+        self._grad = None
+        self._step = None
+        self.max_grad_norm = 0.0
+
+    def load(self, source: str, quantization: str, cache_dir: Path) -> dict[str, Any]:
+        facts: dict[str, Any] = {"source": source}
+        if quantization in QUANT_BITS:
+            quantized = quantized_copy(source, QUANT_BITS[quantization], cache_dir)
+            facts["quantized_copy"] = str(quantized)
+            source = str(quantized)
+        self.model, self.tokenizer = mlx_load(source)
+        facts["architecture"] = getattr(self.model, "model_type", type(self.model).__module__.split(".")[-1])
+        facts["layers"] = len(self.model.layers)
+        return facts
+
+    def add_adapters(self, lora: LoraSection, gradient_checkpointing: bool, init_from: Optional[Path]) -> int:
+        model = self.model
+        model.freeze()
+        layers = len(model.layers)
+        num_layers = layers if lora.num_layers == -1 else min(lora.num_layers, layers)
+        keys = lora_keys(model.layers[-1], lora.target_modules)
+        if not keys:
+            raise TrainingError(f"none of lora.target_modules {lora.target_modules} is a linear layer of this "
+                                f"model's blocks; linear layers: {lora_keys(model.layers[-1], [''])}")
+        self.lora_config = {"rank": lora.rank, "scale": lora.scale, "dropout": lora.dropout, "keys": keys}
+        self.num_layers = num_layers
+        linear_to_lora_layers(model, num_layers, self.lora_config)
+        if init_from is not None:
+            model.load_weights(str(init_from / "adapters.safetensors"), strict=False)
+        if gradient_checkpointing:
+            grad_checkpoint(model.layers[0])
+        model.train()
+        return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+    def setup_optimizer(self, training: TrainingSection) -> None:
+        self.optimizer = optim.AdamW(learning_rate=0.0, weight_decay=training.weight_decay)
+        self.max_grad_norm = training.max_grad_norm
+        model, optimizer = self.model, self.optimizer
+
+        def loss_fn(model, ids, starts, ends):
+            inputs, targets = ids[:, :-1], ids[:, 1:]
+            logits = model(inputs)
+            positions = mx.arange(1, targets.shape[1] + 1)
+            mask = (positions >= starts[:, None]) & (positions <= ends[:, None])
+            ce = nn.losses.cross_entropy(logits, targets) * mask
+            count = mask.sum()
+            return ce.astype(mx.float32).sum() / count, count
+
+        value_and_grad = nn.value_and_grad(model, loss_fn)
+        state = [model.state, optimizer.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def micro_step(ids, starts, ends, accumulation):
+            (loss, _), grad = value_and_grad(model, ids, starts, ends)
+            return loss, tree_map(lambda g: g / accumulation, grad)
+
+        self._step = micro_step
+        self._value_and_grad = value_and_grad
+
+    def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool) -> float:
+        ids, starts, ends = mx.array(batch.ids), mx.array(batch.starts), mx.array(batch.ends)
+        loss, grad = self._step(ids, starts, ends, mx.array(accumulation, dtype=mx.float32))
+        if self._grad is not None:
+            grad = tree_map(lambda a, b: a + b, grad, self._grad)
+        if update:
+            if self.max_grad_norm > 0:
+                grad, _ = optim.clip_grad_norm(grad, self.max_grad_norm)
+            self.optimizer.learning_rate = learning_rate
+            self.optimizer.update(self.model, grad)
+            self._grad = None
+            mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss)
+        else:
+            self._grad = grad
+            mx.eval(grad, loss)
+        return float(loss.item())
+
+    def evaluate(self, batches: list[Batch]) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in batches:
+            ids = mx.array(batch.ids)
+            starts, ends = mx.array(batch.starts), mx.array(batch.ends)
+            inputs, targets = ids[:, :-1], ids[:, 1:]
+            positions = mx.arange(1, targets.shape[1] + 1)
+            mask = (positions >= starts[:, None]) & (positions <= ends[:, None])
+            ce = (nn.losses.cross_entropy(self.model(inputs), targets) * mask).astype(mx.float32).sum()
+            mx.eval(ce)
+            total += float(ce.item())
+            count += int(mask.sum().item())
+        self.model.train()
+        return total / max(count, 1)
+
+    def save_adapter(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = dict(tree_flatten(self.model.trainable_parameters()))
+        mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
+        config = {"fine_tune_type": "lora", "num_layers": self.num_layers, "lora_parameters": self.lora_config}
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def save_state(self, folder: Path) -> None:
+        state = dict(tree_flatten(self.optimizer.state))
+        mx.save_safetensors(str(folder / "optimizer.safetensors"), state)
+        np.save(folder / "rng.npy", np.array(mx.random.state[0]))
+
+    def load_state(self, folder: Path) -> None:
+        self.model.load_weights(str(folder / "adapter" / "adapters.safetensors"), strict=False)
+        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        mx.random.state[0] = mx.array(np.load(folder / "rng.npy"))
+        mx.eval(self.model.parameters(), self.optimizer.state)
+
+    def peak_memory_gb(self) -> float:
+        """The GPU allocator's peak on Apple silicon; the process's peak resident memory on CPU
+        (as the transformers backend reports it there, so the two compare)."""
+        if mx.default_device() == mx.gpu:
+            return mx.get_peak_memory() / 1e9
+        return process_peak_memory_gb()
+
+    def versions(self) -> dict[str, str]:
+        from importlib.metadata import version
+
+        return {"mlx": version("mlx"), "mlx-lm": version("mlx-lm")}

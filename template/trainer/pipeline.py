@@ -1,0 +1,298 @@
+"""Train a configured run: pick the backend, run its stages in order (stage 2 from the
+stage-1 adapter, with replay), resume from checkpoints, and keep the manifest, status
+and metrics current so other processes (the MCP server, dashboards) can follow along."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer.base_trainer import (
+    Backend,
+    Cancelled,
+    StagePlan,
+    TrainingCallback,
+    TrainingError,
+    checkpoint_dirs,
+    hardware,
+    train_stage,
+)
+from trainer.config import FineTuningConfig
+from trainer.files import write_json
+from trainer.training_data import Sampler, quality_weights, read_records, tokenize
+from trainer.training_run_manager import RunError, RunManager, now
+from trainer.weighting import summary as weighting_summary
+
+log = logging.getLogger("trainer")
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_backend(config: FineTuningConfig) -> tuple[str, str]:
+    """(backend, reason): mlx on Apple silicon, transformers with CUDA, else what is installed."""
+    requested = config.training.backend
+    has = {"mlx": installed("mlx_lm"), "transformers": installed("torch") and installed("peft")}
+    if requested != "auto":
+        if not has[requested]:
+            raise TrainingError(f"training.backend is {requested}, but it is not installed: "
+                                f"pip install -e '.[{requested}]'")
+        return requested, "set in the config"
+    apple = sys.platform == "darwin" and platform.machine() == "arm64"
+    cuda = has["transformers"] and _cuda()
+    if apple and has["mlx"]:
+        return "mlx", "auto: Apple silicon"
+    if cuda:
+        return "transformers", "auto: CUDA is available"
+    if config.base_model.quantization != "none" and has["mlx"]:
+        return "mlx", "auto: a quantized base needs mlx without CUDA"
+    if has["transformers"]:
+        return "transformers", "auto: installed (no CUDA, not Apple silicon)"
+    if has["mlx"]:
+        return "mlx", "auto: installed"
+    raise TrainingError("no training backend is installed: pip install -e '.[transformers]' or '.[mlx]'")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def make_backend(name: str, seed: int) -> Backend:
+    if name == "mlx":
+        from trainer.mlx_trainer import MLXBackend
+
+        return MLXBackend(seed)
+    from trainer.transformers_trainer import TransformersBackend
+
+    return TransformersBackend(seed)
+
+
+class RunRecorder(TrainingCallback):
+    """Appends every report to metrics.jsonl and keeps status.json current."""
+
+    def __init__(self, manager: RunManager, run_id: str, offset: int, total: int):
+        self.manager, self.run_id = manager, run_id
+        self.offset, self.total = offset, total  # iterations of earlier stages, of all stages
+        self.path = manager.run_dir(run_id) / "metrics.jsonl"
+        self.last: dict[str, Any] = {}
+
+    def _write(self, info: dict[str, Any]) -> None:
+        line = (json.dumps(info) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one write per line: readers never see half a line
+        finally:
+            os.close(fd)
+        self.last.update({k: v for k, v in info.items() if v is not None})
+        done = self.offset + info["iteration"]
+        self.manager.write_status(self.run_id, stage=info["stage"], iteration=info["iteration"],
+                                  total_iterations=info["total_iterations"],
+                                  progress=round(100 * done / self.total, 2), eta_seconds=info.get("eta"),
+                                  last_metrics=self.last)
+
+    on_train_loss_report = _write
+    on_val_loss_report = _write
+
+
+class Progress(TrainingCallback):
+    """A progress bar on a terminal, log lines otherwise."""
+
+    def __init__(self, stage: int, quiet: bool):
+        self.stage, self.quiet = stage, quiet
+        self.tty = sys.stderr.isatty()
+
+    def on_train_loss_report(self, info: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        done, total = info["iteration"], info["total_iterations"]
+        filled = int(30 * done / total)
+        eta = time.strftime("%H:%M:%S", time.gmtime(info["eta"] or 0))
+        line = (f"stage {self.stage} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} "
+                f"loss {info['train_loss']:.4f} lr {info['learning_rate']:.2e} "
+                f"{info['tokens_per_second']:.0f} tok/s eta {eta}")
+        print(("\r" + line) if self.tty else line, end="" if self.tty and done < total else "\n", file=sys.stderr)
+
+    def on_val_loss_report(self, info: dict[str, Any]) -> None:
+        if not self.quiet:
+            log.info("stage %s iteration %s: validation loss %.4f", self.stage, info["iteration"], info["val_loss"])
+
+
+def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None, resume: bool = False,
+              quiet: bool = False) -> dict[str, Any]:
+    """Train the run's stages (or one); returns the run's result. Raises TrainingError,
+    Cancelled or RunError with the run's files left consistent."""
+    manager = RunManager(config)
+    run_dir = manager.run_dir(run_id)
+    with manager.lock(run_id) as found:
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        if found["cleaned"]:
+            log.info("removed leftovers of an interrupted writer: %s", found["cleaned"])
+        stop = {"requested": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+        try:
+            return _train(manager, run_id, stage, resume, quiet, lambda: stop["requested"])
+        except (TrainingError, RunError) as error:
+            _end(manager, run_id, "cancelled" if isinstance(error, Cancelled) else "failed", str(error))
+            raise
+        except BaseException as error:
+            _end(manager, run_id, "failed", f"{type(error).__name__}: {error}")
+            log.exception("failed")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _end(manager: RunManager, run_id: str, status: str, error: str) -> None:
+    """Record how the run ended, in the status and on the stage that was running."""
+    manager.write_status(run_id, status=status, error=error, finished_at=now())
+
+    def mark(manifest: dict[str, Any]) -> None:
+        for entry in manifest["stages"].values():
+            if entry["status"] == "running":
+                entry.update(status=status, error=error)
+
+    manager.update_manifest(run_id, mark)
+    log.error("%s: %s", status, error)
+
+
+def _train(manager: RunManager, run_id: str, only: Optional[int], resume: bool, quiet: bool, stop) -> dict[str, Any]:
+    run_dir = manager.run_dir(run_id)
+    config = manager.run_config(run_id)
+    manifest = manager.manifest(run_id)
+    stages = [only] if only else list(range(1, config.training.num_stages + 1))
+    if only and f"stage{only}" not in manifest["stages"]:
+        raise RunError(f"run {run_id} has no stage {only}; its stages: {sorted(manifest['stages'])}")
+    for number in stages:
+        entry = manifest["stages"][f"stage{number}"]
+        if entry["status"] == "completed" and not resume and only:
+            raise RunError(f"stage {number} of run {run_id} is already completed; configure a new run to train again")
+    if 2 in stages and 1 not in stages and manifest["stages"]["stage1"]["status"] != "completed":
+        raise RunError(f"stage 2 of run {run_id} starts from the stage-1 adapter, and stage 1 has not completed; "
+                       "train stage 1 first (scripts/train.py --run-id ... --stage 1)", details={"stage": 2})
+
+    backend_name, reason = resolve_backend(config)
+    manager.update_manifest(run_id, lambda m: m["backend"].update(resolved=backend_name, reason=reason))
+    totals = {n: config.training.stage(n).iterations for n in stages}
+    started = now()
+    manager.write_status(run_id, status="running", pid=os.getpid(), backend=backend_name, started_at=started,
+                         error=None, finished_at=None, total_iterations_all_stages=sum(totals.values()))
+    results = {}
+    offset = 0
+    for number in stages:
+        key = f"stage{number}"
+        if manager.manifest(run_id)["stages"][key]["status"] == "completed" and (resume or not only):
+            log.info("stage %s already completed; skipping", number)
+            offset += totals[number]
+            continue
+        results[key] = _train_stage(manager, run_id, config, number, backend_name, resume, quiet, stop,
+                                    RunRecorder(manager, run_id, offset, sum(totals.values())))
+        offset += totals[number]
+    final = manager.manifest(run_id)
+    status = "completed" if all(s["status"] == "completed" for s in final["stages"].values()) else "not_started"
+    manager.write_status(run_id, status=status, finished_at=now(), progress=100.0 if status == "completed" else None)
+    return {"run_id": run_id, "status": status, "backend": backend_name, "stages": results,
+            "manifest_path": str(run_dir / "run-manifest.json")}
+
+
+def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, number: int, backend_name: str,
+                 resume: bool, quiet: bool, stop, recorder: RunRecorder) -> dict[str, Any]:
+    run_dir = manager.run_dir(run_id)
+    key = f"stage{number}"
+    entry = manager.manifest(run_id)["stages"][key]
+    section = config.training.stage(number)
+    training = config.training
+    backend = make_backend(backend_name, training.seed + number)
+    source = config.model_source()
+    if config.base_model.local_path is not None and not Path(source).is_dir():
+        raise RunError(f"base_model.local_path {source} does not exist", details={"stage": number})
+    try:
+        facts = backend.load(source, config.base_model.quantization, config.root / "models" / "quantized")
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"could not load the base model {source} with {backend_name}: {error}. Without "
+                            "network access set base_model.local_path to a local copy "
+                            "(scripts/make_tiny_model.py builds a tiny one)", details={"stage": number}) from error
+    parent = None
+    if number == 2:
+        parent = run_dir / "stage1" / "adapters"
+        if not any(parent.glob("*.safetensors")):
+            raise RunError(f"stage 2 needs the stage-1 adapter, and {parent} has none; train stage 1 first",
+                           details={"stage": 2})
+    trainable = backend.add_adapters(config.lora, training.gradient_checkpointing, parent)
+    backend.setup_optimizer(training)
+
+    def load(split: str, stage_dir: str = key):
+        path = run_dir / stage_dir / "training-data" / f"{split}.jsonl"
+        return tokenize(read_records(path), backend.tokenizer, training.max_seq_length, training.mask_prompt)
+
+    train, valid = load("train"), load("valid")
+    if not len(train):
+        raise RunError(f"stage {number}: no training row fits max_seq_length {training.max_seq_length}",
+                       details={"stage": number})
+    weigh = lambda data: quality_weights(data.quality, training.quality_weight_multiplier,  # noqa: E731
+                                         training.quality_threshold, training.quality_weighting)
+    pools = [(weigh(train), 1.0)]
+    replay_rows = 0
+    if number == 2 and training.stage2.replay_ratio > 0:
+        replay = load("train", "stage1")
+        replay_rows = len(replay)
+        pools = [(weigh(train), 1 - training.stage2.replay_ratio), (weigh(replay), training.stage2.replay_ratio)]
+        train = train + replay  # concatenates references to the rows, copies none
+    sampler = Sampler(pools, section.batch_size, training.seed, number)
+    weights = weighting_summary(train.quality[: len(train) - replay_rows], training.quality_weight_multiplier,
+                                training.quality_threshold, training.quality_weighting)
+
+    start = 0
+    checkpoints = checkpoint_dirs(run_dir / key / "checkpoints")
+    if resume and checkpoints:
+        start, path = checkpoints[-1]
+        backend.load_state(path)
+        log.info("stage %s: resuming from %s (iteration %s)", number, path.name, start)
+    elif checkpoints:  # a fresh start: checkpoints of an earlier attempt must not be resumed later
+        for _, path in checkpoints:
+            shutil.rmtree(path)
+    metadata = {
+        "stage": number, "backend": backend_name, "versions": {"python": platform.python_version(),
+                                                               **backend.versions()},
+        "seed": training.seed, "hardware": hardware(), "base_model": facts, "trainable_parameters": trainable,
+        "lora": config.lora.model_dump() | {"scale": config.lora.scale},
+        "data": entry["data"], "rows": {"train": len(train) - replay_rows, "replay": replay_rows,
+                                        "valid": len(valid), "dropped_too_long": train.dropped + valid.dropped},
+        "weighting": weights, "parent_adapter": entry["parent_adapter"], "resumed_from": start or None,
+    }
+    write_json(run_dir / key / "training_metadata.json", metadata)
+    manager.update_manifest(run_id, lambda m: m["stages"][key].update(
+        status="running", started_at=m["stages"][key]["started_at"] or now(), weighting=weights,
+        trainable_parameters=trainable, metadata_file=f"{key}/training_metadata.json", error=None))
+
+    plan = StagePlan(
+        stage=number, train=train, valid=valid, sampler=sampler, iterations=section.iterations,
+        learning_rate=section.learning_rate, warmup_steps=section.warmup_steps, schedule=training.lr_schedule,
+        accumulation=training.gradient_accumulation_steps, batch_size=section.batch_size,
+        log_steps=training.log_steps, eval_steps=training.eval_steps, save_steps=training.save_steps,
+        val_batches=training.val_batches, checkpoint_dir=run_dir / key / "checkpoints",
+        adapter_dir=run_dir / key / "adapters", start_iteration=start, stop_requested=stop,
+        callbacks=[recorder, Progress(number, quiet)],
+    )
+    log.info("stage %s: %s backend, %s trainable parameters, %s rows (+%s replay), from iteration %s",
+             number, backend_name, trainable, len(train) - replay_rows, replay_rows, start)
+    result = train_stage(backend, plan).as_dict()
+    manager.update_manifest(run_id, lambda m: m["stages"][key].update(
+        status="completed", completed_at=now(), metrics=result, adapter_format=backend_name))
+    return result

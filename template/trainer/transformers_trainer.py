@@ -1,0 +1,165 @@
+"""The transformers + peft backend (CUDA, or CPU).
+
+The adapter is saved in peft's format (adapter_model.safetensors + adapter_config.json),
+so `PeftModel.from_pretrained(base, path)` loads it. The loss is computed here, not by
+the model, so that it is exactly the mlx backend's: mean cross-entropy over the target
+tokens of the whole batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trainer.base_trainer import Backend, TrainingError, process_peak_memory_gb
+from trainer.config import LoraSection, TrainingSection
+from trainer.training_data import Batch
+
+
+def quantization_error(quantization: str) -> TrainingError:
+    return TrainingError(
+        f"base_model.quantization {quantization} with the transformers backend needs CUDA and bitsandbytes, "
+        "and this machine has no CUDA device; use training.backend: mlx (pip install -e '.[mlx]'), which "
+        "quantizes the base model itself, or set base_model.quantization: none",
+        details={"quantization": quantization, "backend": "transformers", "supported_by": ["mlx"]},
+    )
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+    pad_multiple = 8  # tensor-core friendly on GPUs
+
+    def __init__(self, seed: int):
+        torch.manual_seed(seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = None
+        self.optimizer = None
+        self.max_grad_norm = 0.0
+
+    def load(self, source: str, quantization: str, cache_dir: Path) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if quantization != "none":
+            if self.device.type != "cuda":
+                raise quantization_error(quantization)
+            try:
+                import bitsandbytes  # noqa: F401
+                from transformers import BitsAndBytesConfig
+            except ImportError as error:
+                raise TrainingError(f"base_model.quantization {quantization} needs bitsandbytes: "
+                                    "pip install bitsandbytes") from error
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=quantization == "q4", load_in_8bit=quantization == "q8",
+                bnb_4bit_compute_dtype=torch.bfloat16)
+        if self.device.type == "cuda":
+            kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if "quantization_config" not in kwargs:
+            self.model.to(self.device)
+        self.model.config.use_cache = False
+        return {"source": source, "architecture": self.model.config.model_type,
+                "layers": self.model.config.num_hidden_layers, "device": str(self.device),
+                "dtype": str(next(self.model.parameters()).dtype)}
+
+    def add_adapters(self, lora: LoraSection, gradient_checkpointing: bool, init_from: Optional[Path]) -> int:
+        layers = self.model.config.num_hidden_layers
+        last = None if lora.num_layers == -1 else list(range(max(0, layers - lora.num_layers), layers))
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora.target_modules, layers_to_transform=last, task_type="CAUSAL_LM")
+        if gradient_checkpointing:
+            options = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # its name since transformers 5
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+            self.model.enable_input_require_grads()
+        try:
+            self.model = get_peft_model(self.model, config)
+        except ValueError as error:
+            raise TrainingError(f"lora.target_modules {lora.target_modules}: {error}") from error
+        if init_from is not None:
+            self._load_adapter_weights(init_from)
+        self.model.train()
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def _load_adapter_weights(self, folder: Path) -> None:
+        weights = load_file(str(folder / "adapter_model.safetensors"), device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise TrainingError(f"the adapter in {folder} does not fit this model: {result.unexpected_keys[:5]}")
+
+    def setup_optimizer(self, training: TrainingSection) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=training.weight_decay)
+        self.max_grad_norm = training.max_grad_norm
+
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.from_numpy(batch.ids).long().to(self.device)
+        starts = torch.from_numpy(batch.starts).to(self.device)
+        ends = torch.from_numpy(batch.ends).to(self.device)
+        # Right padding under causal attention never reaches a real token, so no mask is
+        # needed (as in mlx-lm); position ids are 0..L-1 on both backends.
+        logits = self.model(input_ids=ids[:, :-1]).logits
+        targets = ids[:, 1:]
+        positions = torch.arange(1, targets.shape[1] + 1, device=self.device)[None, :]
+        mask = (positions >= starts[:, None]) & (positions <= ends[:, None])
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        return (ce * mask.reshape(-1)).sum(), mask.sum()
+
+    def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool) -> float:
+        total, count = self._loss(batch)
+        loss = total / count
+        (loss / accumulation).backward()
+        if update:
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               self.max_grad_norm)
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach().item())
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in batches:
+            loss_sum, tokens = self._loss(batch)
+            total += float(loss_sum.item())
+            count += int(tokens.item())
+        self.model.train()
+        return total / max(count, 1)
+
+    def save_adapter(self, folder: Path) -> None:
+        self.model.save_pretrained(str(folder))
+
+    def save_state(self, folder: Path) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save(state, folder / "optimizer.pt")
+
+    def load_state(self, folder: Path) -> None:
+        self._load_adapter_weights(folder / "adapter")
+        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"].cpu())
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def peak_memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 1e9
+        return process_peak_memory_gb()
+
+    def versions(self) -> dict[str, str]:
+        from importlib.metadata import version
+
+        return {name: version(name) for name in ("torch", "transformers", "peft")}
