@@ -147,6 +147,17 @@ def checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def prune_incomplete(folder: Path) -> list[Path]:
+    """Remove checkpoint directories that are not complete (see checkpoint_dirs)."""
+    complete = {path for _, path in checkpoint_dirs(folder)}
+    removed = []
+    for path in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*")) if folder.is_dir() else []:
+        if path.is_dir() and path not in complete:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def save_checkpoint(backend: Backend, folder: Path, iteration: int, extra: dict[str, Any]) -> Path:
     """Write into a temp directory, list every file with its hash last, then rename:
     a checkpoint directory either is complete or does not exist."""

@@ -8,6 +8,7 @@ The step is compiled like mlx-lm's own trainer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -44,10 +45,23 @@ def lora_keys(layer: nn.Module, targets: list[str]) -> list[str]:
     return sorted(keys)
 
 
+def fingerprint(source: str) -> str:
+    """Identifies a base model's content: for a local directory its config and weight files
+    (name, size, modification time), so a rebuilt model gets a fresh quantized copy."""
+    digest = hashlib.sha256(source.encode())
+    path = Path(source)
+    if path.is_dir():
+        for file in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
+            if file.is_file():
+                stat = file.stat()
+                digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]
+
+
 def quantized_copy(source: str, bits: int, cache_dir: Path) -> Path:
     """Quantize the base model once with mlx-lm and cache it; later runs reuse the copy."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", source.strip("/"))[-80:]
-    target = cache_dir / f"{name}-q{bits}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.rstrip("/")).name)[-60:]
+    target = cache_dir / f"{name}-q{bits}-{fingerprint(source)}"
     if (target / "config.json").is_file():
         return target
     from mlx_lm import convert
@@ -177,7 +191,10 @@ class MLXBackend(Backend):
     def load_state(self, folder: Path) -> None:
         self.model.load_weights(str(folder / "adapter" / "adapters.safetensors"), strict=False)
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-        mx.random.state[0] = mx.array(np.load(folder / "rng.npy"))
+        # mx.random.key(seed) is [seed >> 32, seed & 0xffffffff]: reseeding with the saved
+        # key's two words restores it exactly (the state object takes no item assignment)
+        high, low = (int(word) for word in np.load(folder / "rng.npy"))
+        mx.random.seed((high << 32) | low)
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def peak_memory_gb(self) -> float:

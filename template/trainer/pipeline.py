@@ -24,6 +24,7 @@ from trainer.base_trainer import (
     TrainingError,
     checkpoint_dirs,
     hardware,
+    prune_incomplete,
     train_stage,
 )
 from trainer.config import FineTuningConfig
@@ -136,6 +137,7 @@ def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None
     manager = RunManager(config)
     run_dir = manager.run_dir(run_id)
     with manager.lock(run_id) as found:
+        stages, backend = check_request(manager, run_id, stage, resume)  # refusals change nothing
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
@@ -145,7 +147,7 @@ def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None
         stop = {"requested": False}
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
         try:
-            return _train(manager, run_id, stage, resume, quiet, lambda: stop["requested"])
+            return _train(manager, run_id, stages, backend, resume, quiet, lambda: stop["requested"])
         except (TrainingError, RunError) as error:
             _end(manager, run_id, "cancelled" if isinstance(error, Cancelled) else "failed", str(error))
             raise
@@ -172,22 +174,34 @@ def _end(manager: RunManager, run_id: str, status: str, error: str) -> None:
     log.error("%s: %s", status, error)
 
 
-def _train(manager: RunManager, run_id: str, only: Optional[int], resume: bool, quiet: bool, stop) -> dict[str, Any]:
-    run_dir = manager.run_dir(run_id)
+def check_request(manager: RunManager, run_id: str, only: Optional[int], resume: bool) -> tuple[list[int], tuple]:
+    """The stages to train and the backend, or a RunError/TrainingError for a request that
+    cannot be served; nothing is written either way."""
     config = manager.run_config(run_id)
     manifest = manager.manifest(run_id)
     stages = [only] if only else list(range(1, config.training.num_stages + 1))
     if only and f"stage{only}" not in manifest["stages"]:
         raise RunError(f"run {run_id} has no stage {only}; its stages: {sorted(manifest['stages'])}")
     for number in stages:
-        entry = manifest["stages"][f"stage{number}"]
-        if entry["status"] == "completed" and not resume and only:
+        if manifest["stages"][f"stage{number}"]["status"] == "completed" and not resume and only:
             raise RunError(f"stage {number} of run {run_id} is already completed; configure a new run to train again")
     if 2 in stages and 1 not in stages and manifest["stages"]["stage1"]["status"] != "completed":
         raise RunError(f"stage 2 of run {run_id} starts from the stage-1 adapter, and stage 1 has not completed; "
-                       "train stage 1 first (scripts/train.py --run-id ... --stage 1)", details={"stage": 2})
+                       f"train stage 1 first (scripts/train.py --run-id {run_id} --stage 1)")
+    backend = resolve_backend(config)
+    if backend[0] == "transformers" and config.base_model.quantization != "none" and not _cuda():
+        from trainer.transformers_trainer import quantization_error
 
-    backend_name, reason = resolve_backend(config)
+        raise quantization_error(config.base_model.quantization)
+    return stages, backend
+
+
+def _train(manager: RunManager, run_id: str, stages: list[int], backend: tuple[str, str], resume: bool,
+           quiet: bool, stop) -> dict[str, Any]:
+    run_dir = manager.run_dir(run_id)
+    config = manager.run_config(run_id)
+    only = len(stages) == 1 and config.training.num_stages > 1
+    backend_name, reason = backend
     manager.update_manifest(run_id, lambda m: m["backend"].update(resolved=backend_name, reason=reason))
     totals = {n: config.training.stage(n).iterations for n in stages}
     started = now()
@@ -259,6 +273,8 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
                                 training.quality_threshold, training.quality_weighting)
 
     start = 0
+    for path in prune_incomplete(run_dir / key / "checkpoints"):
+        log.info("stage %s: ignored and removed an incomplete checkpoint %s", number, path.name)
     checkpoints = checkpoint_dirs(run_dir / key / "checkpoints")
     if resume and checkpoints:
         start, path = checkpoints[-1]
