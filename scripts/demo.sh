@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end on the built-in tiny model, as a user would run it:
-# generate a project with the default answers, install it, build its tiny OLMo-2 model
-# (both engines load it), prepare the sample data (lengths measured with that model's
-# tokenizer) and run the project's own tests. It grows as training, evaluation and
-# export land.
+# generate a two-stage project, install it, build its tiny OLMo-2 model (both engines load
+# it), prepare the sample data (lengths measured with that model's tokenizer), train both
+# stages with each backend, show the runs, and run the project's own tests. It grows as
+# evaluation and export land.
 #
 #   bash scripts/demo.sh [DEST]     (default DEST: ./demo-project; must not exist)
 set -euo pipefail
@@ -17,7 +17,7 @@ fi
 step() { printf '\n== %s\n' "$*"; }
 
 step "generate a project (default answers) from $here"
-copier copy --defaults --trust --quiet --vcs-ref HEAD "$here" "$dest"
+copier copy --defaults --trust --quiet --vcs-ref HEAD -d num_stages=2 "$here" "$dest"
 cd "$dest"
 ls
 
@@ -31,6 +31,19 @@ python scripts/make_tiny_model.py
 step "prepare the sample data"
 OLMO_BASE_MODEL__LOCAL_PATH=models/tiny-olmo2 python scripts/prepare_dataset.py
 python -c "import json; r = json.load(open('data/quality_reports/latest.json')); print('token lengths:', r['lengths']['total'])"
+
+tiny=(--set base_model.local_path=models/tiny-olmo2 --set training.stage1.learning_rate=5e-3
+      --set training.stage2.learning_rate=2e-3 --set training.stage1.iterations=60 --set training.stage2.iterations=40)
+for backend in transformers mlx; do
+    step "train both stages with $backend"
+    python scripts/train.py --name "demo-$backend" --set training.backend=$backend "${tiny[@]}"
+done
+
+step "the runs"
+python scripts/status.py
+run=$(ls runs | grep demo-mlx | tail -1)
+python -c "import json, sys; m = json.load(open(sys.argv[1])); print(json.dumps({k: {'status': v['status'], 'val_loss': [v['metrics']['val_loss_before'], v['metrics']['val_loss']], 'parent': v['parent_adapter']} for k, v in m['stages'].items()}, indent=1))" "runs/$run/run-manifest.json"
+ls "runs/$run/stage2/adapters"
 
 step "the project's own tests"
 python -m pytest -q -p no:cacheprovider

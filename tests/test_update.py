@@ -5,6 +5,7 @@ migration renames the key in the files the user owns."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -45,8 +46,8 @@ def release_v020(src: Path) -> None:
     """v0.2.0: training.save_steps becomes training.checkpoint_steps, with a migration."""
     replace(src / "template" / "config" / "fine_tuning_config.yaml.jinja",
             "  save_steps: {{ save_steps }}", "  checkpoint_steps: {{ save_steps }}")
-    replace(src / "template" / "trainer" / "config.py",
-            "    save_steps: int = Field(default=50, ge=1)", "    checkpoint_steps: int = Field(default=50, ge=1)")
+    for code in (src / "template" / "trainer").glob("*.py"):  # the code reads the new name
+        code.write_text(code.read_text().replace("save_steps", "checkpoint_steps"))
     replace(src / "template" / ".env.example.jinja",
             "# OLMO_TRAINING__SAVE_STEPS=", "# OLMO_TRAINING__CHECKPOINT_STEPS=")
     replace(src / "template" / "README.md.jinja", "## Layout\n", "## Layout (v0.2.0)\n")
@@ -88,7 +89,8 @@ def test_update_brings_changes_keeps_edits_and_runs_the_migration(tmp_path, temp
 
     assert answers_of(project)["_commit"] == "v0.2.0"
     text = config_file.read_text()
-    assert "  checkpoint_steps: 50\n" in text and "save_steps" not in text, "the template change arrived"
+    assert re.search(r"^  checkpoint_steps: 50 ", text, re.MULTILINE) and "save_steps" not in text, \
+        "the template change arrived"
     assert "  rank: 16  # bigger adapters for our data\n" in text, "the user's edit survived"
     assert "## Layout (v0.2.0)" in (project / "README.md").read_text()
     assert "OLMO_TRAINING__CHECKPOINT_STEPS=" in (project / ".env.example").read_text()

@@ -38,9 +38,13 @@ def main(args) -> dict:
 
 def show(result: dict) -> None:
     print(f"\nrun {result['run_id']}: {result['status']} ({result['backend']})")
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
     for stage, metrics in result["stages"].items():
-        print(f"  {stage}: train loss {metrics['train_loss']:.4f}, validation loss "
-              f"{metrics['val_loss_before']} -> {metrics['val_loss']}, {metrics['tokens_per_second']:.0f} tok/s")
+        print(f"  {stage}: train loss {fmt(metrics['train_loss'])}, validation loss {fmt(metrics['val_loss_before'])}"
+              f" -> {fmt(metrics['val_loss'])}, {metrics['tokens_per_second']:.0f} tok/s, "
+              f"peak memory {metrics['peak_memory_gb']:.2f} GB")
 
 
 if __name__ == "__main__":

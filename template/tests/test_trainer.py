@@ -233,3 +233,50 @@ def test_list_runs(prepared):
     assert [r["run_id"] for r in listed] == sorted(ids)
     assert {r["status"] for r in listed} == {"not_started"}
     assert os.path.basename(ids[0]).startswith("a-")
+
+
+@pytest.mark.parametrize(("platform_name", "machine", "mlx", "torch", "cuda", "quantization", "expected"), [
+    ("darwin", "arm64", True, True, False, "none", ("mlx", "auto: Apple silicon")),
+    ("linux", "x86_64", True, True, True, "none", ("transformers", "auto: CUDA is available")),
+    ("linux", "x86_64", True, True, False, "q4", ("mlx", "auto: a quantized base needs mlx without CUDA")),
+    ("linux", "x86_64", True, True, False, "none", ("transformers", "auto: installed (no CUDA, not Apple silicon)")),
+    ("linux", "x86_64", True, False, False, "none", ("mlx", "auto: installed")),
+])
+def test_auto_backend_choice(monkeypatch, config, platform_name, machine, mlx, torch, cuda, quantization, expected):
+    from trainer import pipeline
+
+    monkeypatch.setattr(pipeline.sys, "platform", platform_name)
+    monkeypatch.setattr(pipeline.platform, "machine", lambda: machine)
+    monkeypatch.setattr(pipeline, "installed", lambda m: {"mlx_lm": mlx, "torch": torch, "peft": torch}[m])
+    monkeypatch.setattr(pipeline, "_cuda", lambda: cuda)
+    config.training.backend = "auto"
+    config.base_model.quantization = quantization
+    assert pipeline.resolve_backend(config) == expected
+
+
+def test_a_requested_backend_must_be_installed(monkeypatch, config):
+    from trainer import pipeline
+    from trainer.base_trainer import TrainingError
+
+    monkeypatch.setattr(pipeline, "installed", lambda m: False)
+    config.training.backend = "mlx"
+    with pytest.raises(TrainingError, match=r"backend is mlx, but it is not installed: pip install -e '\.\[mlx\]'"):
+        pipeline.resolve_backend(config)
+
+
+def test_only_the_answer_counts_in_the_loss_by_default():
+    pytest.importorskip("transformers")
+    from trainer.tiny_model import train_tokenizer
+    from trainer.training_data import tokenize
+
+    tokenizer = train_tokenizer(["What is 2 plus 3? 2 plus 3 is 5."], 300)
+    record = {"messages": [{"role": "user", "content": "What is 2 plus 3?"},
+                           {"role": "assistant", "content": "2 plus 3 is 5."}]}
+    masked = tokenize([record], tokenizer, 512, mask_prompt=True)
+    full = tokenize([record], tokenizer, 512, mask_prompt=False)
+    ids, start = masked.tokens[0], masked.starts[0]
+    assert tokenizer.decode(ids[start:]) == "2 plus 3 is 5.<|im_end|>\n"
+    assert tokenizer.decode(ids[:start]).endswith("<|im_start|>assistant\n")
+    assert full.tokens[0] == ids and full.starts[0] == 1
+    # a prompt that fills max_seq_length leaves nothing to learn: the row is dropped, not kept empty
+    assert tokenize([record], tokenizer, start, mask_prompt=True).dropped == 1
