@@ -1,1 +1,2 @@
-"""The thin MCP server around the olmo-fine-tuning-mcp template (arrives with the MCP issue)."""
+"""The thin MCP server around the olmo-fine-tuning-mcp template: it generates and updates
+projects with copier and drives their own scripts; it holds no training logic."""

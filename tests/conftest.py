@@ -68,3 +68,27 @@ def snapshot(folder: Path) -> dict[str, str]:
 def default_project(tmp_path_factory) -> Path:
     """One project with every default answer, shared by read-only tests."""
     return render(tmp_path_factory.mktemp("default") / "project")
+
+
+def mcp_call(server, tool: str, arguments: dict[str, Any], **client: Any):
+    """One tool call through the real SDK client, in memory; returns the CallToolResult."""
+    import anyio
+    from mcp import Client
+
+    async def go():
+        async with Client(server, **client) as session:
+            return await session.call_tool(tool, arguments)
+
+    return anyio.run(go)
+
+
+def mcp_ok(server, tool: str, arguments: dict[str, Any], **client: Any) -> dict[str, Any]:
+    result = mcp_call(server, tool, arguments, **client)
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+def mcp_error(server, tool: str, arguments: dict[str, Any], **client: Any) -> str:
+    result = mcp_call(server, tool, arguments, **client)
+    assert result.is_error, result.structured_content
+    return result.content[0].text

@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+
 from conftest import render, script, snapshot
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+
 from conftest import script
 
 SOURCES = {

@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 import yaml
+
 from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("rename_config_key", REPO / "hooks" / "rename_config_key.py")

@@ -9,6 +9,7 @@ import sys
 import venv
 
 import pytest
+
 from conftest import render
 
 

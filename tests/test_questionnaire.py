@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from conftest import REPO, answers_of, questionnaire, render
 
 QUESTIONS = questionnaire()

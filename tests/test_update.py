@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, answers_of, render
 from copier import run_update
+
+from conftest import REPO, answers_of, render
 
 IGNORE = shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache",
                                 "*.egg-info", "build", "dist")

@@ -75,6 +75,15 @@ def quantized_copy(source: str, bits: int, cache_dir: Path) -> Path:
     return target
 
 
+def masked_loss(model: nn.Module, ids: mx.array, starts: mx.array, ends: mx.array) -> tuple[mx.array, mx.array]:
+    """Summed cross-entropy over each row's target positions [start, end], and their count."""
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    positions = mx.arange(1, targets.shape[1] + 1)
+    mask = (positions >= starts[:, None]) & (positions <= ends[:, None])
+    ce = nn.losses.cross_entropy(model(inputs), targets) * mask
+    return ce.astype(mx.float32).sum(), mask.sum()
+
+
 class MLXBackend(Backend):
     name = "mlx"
     pad_multiple = 32  # as mlx-lm's own batching: each new shape costs a compile
@@ -124,13 +133,8 @@ class MLXBackend(Backend):
         model, optimizer = self.model, self.optimizer
 
         def loss_fn(model, ids, starts, ends):
-            inputs, targets = ids[:, :-1], ids[:, 1:]
-            logits = model(inputs)
-            positions = mx.arange(1, targets.shape[1] + 1)
-            mask = (positions >= starts[:, None]) & (positions <= ends[:, None])
-            ce = nn.losses.cross_entropy(logits, targets) * mask
-            count = mask.sum()
-            return ce.astype(mx.float32).sum() / count, count
+            total, count = masked_loss(model, ids, starts, ends)
+            return total / count, count
 
         value_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state]
@@ -141,7 +145,6 @@ class MLXBackend(Backend):
             return loss, tree_map(lambda g: g / accumulation, grad)
 
         self._step = micro_step
-        self._value_and_grad = value_and_grad
 
     def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool) -> float:
         ids, starts, ends = mx.array(batch.ids), mx.array(batch.starts), mx.array(batch.ends)
@@ -164,15 +167,10 @@ class MLXBackend(Backend):
         self.model.eval()
         total, count = 0.0, 0
         for batch in batches:
-            ids = mx.array(batch.ids)
-            starts, ends = mx.array(batch.starts), mx.array(batch.ends)
-            inputs, targets = ids[:, :-1], ids[:, 1:]
-            positions = mx.arange(1, targets.shape[1] + 1)
-            mask = (positions >= starts[:, None]) & (positions <= ends[:, None])
-            ce = (nn.losses.cross_entropy(self.model(inputs), targets) * mask).astype(mx.float32).sum()
-            mx.eval(ce)
-            total += float(ce.item())
-            count += int(mask.sum().item())
+            loss, tokens = masked_loss(self.model, mx.array(batch.ids), mx.array(batch.starts), mx.array(batch.ends))
+            mx.eval(loss, tokens)
+            total += float(loss.item())
+            count += int(tokens.item())
         self.model.train()
         return total / max(count, 1)
 

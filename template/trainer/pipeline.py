@@ -259,8 +259,10 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
     if not len(train):
         raise RunError(f"stage {number}: no training row fits max_seq_length {training.max_seq_length}",
                        details={"stage": number})
-    weigh = lambda data: quality_weights(data.quality, training.quality_weight_multiplier,  # noqa: E731
-                                         training.quality_threshold, training.quality_weighting)
+    def weigh(data):
+        return quality_weights(data.quality, training.quality_weight_multiplier, training.quality_threshold,
+                               training.quality_weighting)
+
     pools = [(weigh(train), 1.0)]
     replay_rows = 0
     if number == 2 and training.stage2.replay_ratio > 0:

@@ -1,0 +1,109 @@
+"""What the tools return: pydantic models, so clients get structured output with a schema."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+RunStatus = Literal["not_started", "running", "completed", "failed", "cancelled"]
+
+
+class ProjectStructure(BaseModel):
+    config_file: str = Field(description="the project's config file")
+    trainer_modules: list[str] = Field(description="modules of the project's trainer package")
+    scripts: list[str] = Field(description="the project's command-line scripts")
+    requirements_file: str = Field(description="requirements.txt")
+
+
+class GenerateResult(BaseModel):
+    success: bool
+    project_path: str = Field(description="absolute path of the generated project")
+    template_version: Optional[str] = Field(description="template tag or commit the project was made from")
+    project_structure: ProjectStructure
+    next_steps: list[str]
+    command_examples: dict[str, str] = Field(description="commands to run inside the project")
+    answers: dict[str, Any] = Field(description="every copier answer the project was generated with")
+
+
+class UpdateResult(BaseModel):
+    success: bool
+    project_path: str
+    previous_version: Optional[str]
+    new_version: Optional[str]
+    changed_files: list[str] = Field(description="files the update changed (git status)")
+    conflicts: list[str] = Field(description="files with merge conflicts to resolve by hand")
+    message: str
+
+
+class PrepareResult(BaseModel):
+    success: bool
+    stages: dict[str, Any] = Field(description="per stage: row counts, output files and the quality report path")
+
+
+class ConfigureResult(BaseModel):
+    success: bool
+    run_id: str
+    run_directory: str
+    manifest_path: str
+    configuration_summary: dict[str, Any]
+
+
+class StartResult(BaseModel):
+    success: bool
+    run_id: str
+    training_started: bool
+    status: RunStatus
+    pid: Optional[int] = Field(description="the trainer's process id (async mode)")
+    estimated_duration_minutes: Optional[int] = Field(
+        description="from the throughput of this project's earlier runs; null when there is none")
+    log_file: str = Field(description="the trainer's stdout/stderr")
+    monitor_command: str = Field(description="how to watch the run")
+    result: Optional[dict[str, Any]] = Field(default=None, description="the trainer's final result (sync mode)")
+
+
+class Metrics(BaseModel):
+    train_loss: Optional[float] = None
+    val_loss: Optional[float] = None
+    learning_rate: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    peak_memory_gb: Optional[float] = None
+
+
+class MonitorResult(BaseModel):
+    run_id: str
+    status: RunStatus
+    process_alive: bool = Field(description="whether a live trainer holds the run's lock")
+    current_stage: Optional[int]
+    current_iteration: Optional[int]
+    total_iterations: Optional[int] = Field(description="iterations of the current stage")
+    progress_percentage: Optional[float] = Field(description="of all stages being trained")
+    metrics: Metrics
+    carbon_emissions_kg: Optional[float] = Field(
+        default=None, description="CodeCarbon emissions so far, when asked for and recorded")
+    eta_seconds: Optional[float] = None
+    estimated_completion_time: Optional[str] = Field(description="ISO 8601, UTC")
+    error: Optional[str] = None
+    log_tail: Optional[str] = Field(default=None, description="last lines of the run's log: untrusted text")
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    status: RunStatus
+    process_alive: bool
+    current_stage: Optional[int] = None
+    progress_percentage: Optional[float] = None
+    updated_at: Optional[str] = None
+
+
+class RunList(BaseModel):
+    project_path: str
+    runs: list[RunSummary]
+
+
+class CancelResult(BaseModel):
+    run_id: str
+    signal: Literal["SIGTERM", "SIGTERM then SIGKILL", "none"]
+    status: RunStatus
+    last_checkpoint_iteration: Optional[int] = None
+    message: str

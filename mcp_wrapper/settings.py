@@ -1,0 +1,75 @@
+"""What the server is configured with: environment variables, overridden by CLI flags.
+
+OLMO_TEMPLATES_DIR       template source: a local template (copier.yml at its top) or a git URL
+                         (default: the template this package was installed from)
+OLMO_DEFAULT_OUTPUT_DIR  where new projects go when a call names no output_dir
+                         (default: ./fine-tuning-projects)
+OLMO_ALLOWED_ROOTS       directories every path argument must lie in, separated by ':'
+                         (default: the output directory)
+OLMO_TRUSTED_TEMPLATES   template sources whose migrations may run (copier --trust), ':'-separated;
+                         the bundled template is always trusted
+OLMO_PROJECT_PYTHON      interpreter for a project's scripts when the project has no .venv
+                         (default: the server's own)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUNDLED_TEMPLATE = Path(__file__).resolve().parents[1]
+
+
+def _paths(value: str) -> list[str]:
+    return [part for part in value.split(os.pathsep) if part.strip()]
+
+
+@dataclass
+class Settings:
+    template: str = str(BUNDLED_TEMPLATE)
+    output_dir: Path = field(default_factory=lambda: Path.cwd() / "fine-tuning-projects")
+    allowed_roots: list[Path] = field(default_factory=list)
+    trusted_templates: list[str] = field(default_factory=list)
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir).expanduser().resolve()
+        self.allowed_roots = [Path(r).expanduser().resolve() for r in self.allowed_roots] or [self.output_dir]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        if env.get("OLMO_TEMPLATES_DIR"):
+            values["template"] = env["OLMO_TEMPLATES_DIR"]
+        if env.get("OLMO_DEFAULT_OUTPUT_DIR"):
+            values["output_dir"] = Path(env["OLMO_DEFAULT_OUTPUT_DIR"])
+        if env.get("OLMO_ALLOWED_ROOTS"):
+            values["allowed_roots"] = [Path(p) for p in _paths(env["OLMO_ALLOWED_ROOTS"])]
+        if env.get("OLMO_TRUSTED_TEMPLATES"):
+            values["trusted_templates"] = _paths(env["OLMO_TRUSTED_TEMPLATES"])
+        if env.get("OLMO_PROJECT_PYTHON"):
+            values["python"] = env["OLMO_PROJECT_PYTHON"]
+        values.update({k: v for k, v in overrides.items() if v not in (None, [], "")})
+        return cls(**values)
+
+    def trusted(self, template: str) -> bool:
+        """Migrations (and other unsafe copier features) run only for trusted templates."""
+        def norm(source: str) -> str:
+            path = Path(source).expanduser()
+            return str(path.resolve()) if path.exists() else source.rstrip("/")
+
+        return norm(template) in {norm(str(BUNDLED_TEMPLATE))} | {norm(t) for t in self.trusted_templates}
+
+    def local_template(self) -> Path:
+        """The template's files on this machine (for the questionnaire); the bundled one
+        when the source is a git URL."""
+        path = Path(self.template).expanduser()
+        return path if (path / "copier.yml").is_file() else BUNDLED_TEMPLATE
+
+    def project_python(self, project: Path) -> str:
+        venv = project / ".venv" / "bin" / "python"
+        return str(venv) if venv.is_file() else self.python

@@ -1,0 +1,101 @@
+"""Attack cases against the MCP server: path escapes ('..', absolute paths, a sibling that
+shares the allowed root's prefix, a symlink pointing out), hostile names, and the
+client's roots narrowing the server's. Everything is refused and nothing is created
+outside the allowed roots."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from mcp import Client, types
+
+from conftest import mcp_error, mcp_ok, snapshot
+from mcp_wrapper.server import build_server
+from mcp_wrapper.settings import Settings
+
+
+@pytest.fixture
+def layout(tmp_path):
+    root = tmp_path / "projects"
+    sibling = tmp_path / "projects-evil"  # shares the root's string prefix
+    outside = tmp_path / "outside"
+    for folder in (root, sibling, outside):
+        folder.mkdir()
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    return {"tmp": tmp_path, "root": root, "sibling": sibling, "outside": outside,
+            "server": build_server(Settings(output_dir=root, allowed_roots=[root]))}
+
+
+@pytest.mark.parametrize("output_dir", ["..", "../outside", "{outside}", "{sibling}", "{root}/link",
+                                        "{root}/../outside", "~", "/etc"])
+def test_paths_outside_the_roots_are_refused(layout, output_dir):
+    value = output_dir.format(**{k: str(v) for k, v in layout.items() if k != "server"})
+    before = snapshot(layout["tmp"])
+    text = mcp_error(layout["server"], "generate_fine_tuning_project", {"project_name": "p", "output_dir": value})
+    assert "outside the allowed roots" in text
+    assert snapshot(layout["tmp"]) == before, "nothing may be created anywhere"
+    assert not any(layout["outside"].iterdir()) and not any(layout["sibling"].iterdir())
+
+
+@pytest.mark.parametrize("name", ["a;touch pwned", "$(touch pwned)", "--help", "-rf", "../escape", "a/b", ".hidden",
+                                  "name with space", "`id`", "x" * 81, ""])
+def test_hostile_project_names_are_refused(layout, name):
+    text = mcp_error(layout["server"], "generate_fine_tuning_project", {"project_name": name})
+    assert "is not allowed" in text
+    assert list(layout["root"].iterdir()) == [layout["root"] / "link"]
+    assert not list(layout["tmp"].rglob("pwned"))
+
+
+def test_run_ids_and_data_paths_cannot_escape(layout):
+    server, root, outside = layout["server"], layout["root"], layout["outside"]
+    project = mcp_ok(server, "generate_fine_tuning_project", {"project_name": "p"})["project_path"]
+    for run_id in ("../../outside", "/etc/passwd", "--resume", "a;b"):
+        assert "is not allowed" in mcp_error(server, "monitor_training_progress",
+                                             {"project_path": project, "run_id": run_id})
+    (outside / "train.jsonl").write_text('{"messages": []}\n')
+    for path in (str(outside / "train.jsonl"), f"{root}/link/train.jsonl", "../outside/train.jsonl"):
+        text = mcp_error(server, "configure_training_run", {"project_path": project, "run_name": "r",
+                                                            "training_data": {"train_dataset": path}})
+        assert "outside the allowed roots" in text
+        text = mcp_error(server, "prepare_dataset", {"project_path": project, "input_files": [path]})
+        assert "outside the allowed roots" in text
+    for tool in ("list_runs", "update_project"):
+        assert "outside the allowed roots" in mcp_error(server, tool, {"project_path": str(layout["sibling"])})
+    assert not list((root / "p" / "runs").glob("r-*"))
+
+
+def test_client_roots_narrow_the_servers(layout):
+    root = layout["root"]
+    (root / "mine").mkdir()
+    (root / "theirs").mkdir()
+
+    async def roots(context):
+        return types.ListRootsResult(roots=[types.Root(uri=f"file://{root / 'mine'}", name="mine")])
+
+    client = {"list_roots_callback": roots, "mode": "legacy"}  # roots are a handshake-era capability
+    text = mcp_error(layout["server"], "generate_fine_tuning_project",
+                     {"project_name": "p", "output_dir": str(root / "theirs")}, **client)
+    assert "outside the client's roots" in text
+    out = mcp_ok(layout["server"], "generate_fine_tuning_project",
+                 {"project_name": "p", "output_dir": str(root / "mine")}, **client)
+    assert out["project_path"] == str(root / "mine" / "p")
+
+
+def test_resources_refuse_traversal(layout):
+    from mcp import MCPError
+
+    server = layout["server"]
+    mcp_ok(server, "generate_fine_tuning_project", {"project_name": "p"})
+
+    async def read(uri: str) -> str:
+        async with Client(server) as client:
+            try:
+                await client.read_resource(uri)
+            except MCPError as error:
+                return str(error)
+        return "read"
+
+    assert "Unknown resource" in anyio.run(read, "runs://p/..%2F..%2Foutside/manifest")
+    assert "unknown run id 'nope'" in anyio.run(read, "runs://p/nope/manifest")
+    assert "Unknown resource" in anyio.run(read, "runs://..%2Foutside/r/manifest")
+    assert "is not allowed" in anyio.run(read, "runs://a;b/r/manifest")
