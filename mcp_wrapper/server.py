@@ -8,6 +8,7 @@ running blocking work in a worker thread so the server keeps answering.
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 from urllib.parse import unquote, urlparse
@@ -45,8 +46,10 @@ async def client_roots(ctx: Optional[Context]) -> Optional[list[Path]]:
     if ctx is None:
         return None
     try:
-        listed = await ctx.session.list_roots()
-    except Exception:  # clients without roots support, or transports without a back channel
+        with warnings.catch_warnings():  # deprecated in 2026-07-28; handshake-era clients still send roots
+            warnings.simplefilter("ignore")
+            listed = await ctx.session.list_roots()
+    except Exception:  # clients without roots support, or sessions without a back channel
         return None
     roots = [Path(unquote(urlparse(str(root.uri)).path)).resolve()
              for root in listed.roots if str(root.uri).startswith("file://")]
