@@ -49,6 +49,21 @@ class ConfigureResult(BaseModel):
     configuration_summary: dict[str, Any]
 
 
+class EvaluateResult(BaseModel):
+    success: bool
+    run_id: str
+    stage: int
+    evaluation_results: dict[str, Any] = Field(
+        description="the stage's model on the test data: perplexity, accuracy (exact match), bleu, chrf, "
+                    "custom_metrics")
+    base_results: Optional[dict[str, Any]] = Field(description="the base model on the same data")
+    forgetting: Optional[dict[str, Any]] = Field(
+        description="after stage 2: stage-1 and stage-2 models on the stage-1 test set")
+    thresholds: dict[str, Any] = Field(description="pass/fail per check against the config's thresholds")
+    results_file: str
+    samples_file: str = Field(description="generations next to references (model text: untrusted)")
+
+
 class StartResult(BaseModel):
     success: bool
     run_id: str

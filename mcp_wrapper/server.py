@@ -23,6 +23,7 @@ from mcp_wrapper.files import lock_held, read_json, tail_lines, untrusted
 from mcp_wrapper.models import (
     CancelResult,
     ConfigureResult,
+    EvaluateResult,
     GenerateResult,
     MonitorResult,
     PrepareResult,
@@ -171,6 +172,22 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
     ) -> MonitorResult:
         """A run's status, stage, iteration, progress, latest metrics and ETA, read from its files."""
         return await call(tools.monitor, project_path, run_id, include_emissions, include_log,
+                          await client_roots(ctx))
+
+    @server.tool()
+    async def evaluate_model(
+        project_path: str,
+        run_id: str,
+        stage: Annotated[int, Field(ge=1, le=2, description="which stage's model")],
+        test_dataset: Annotated[Optional[str], Field(description="processed jsonl (default: the stage's test split)")
+                                ] = None,
+        include_base: Annotated[bool, Field(description="also evaluate the base model")] = True,
+        max_samples: Annotated[Optional[int], Field(ge=1, description="only the first N test rows")] = None,
+        ctx: Context = None,
+    ) -> EvaluateResult:
+        """Evaluate a completed stage (and the base model): perplexity, exact-match accuracy, BLEU, chrF,
+        thresholds, and after stage 2 a forgetting check on the stage-1 test set."""
+        return await call(tools.evaluate, project_path, run_id, stage, test_dataset, include_base, max_samples,
                           await client_roots(ctx))
 
     @server.tool()

@@ -28,6 +28,7 @@ from mcp_wrapper.files import last_metrics, lock_held, read_json, tail_lines, un
 from mcp_wrapper.models import (
     CancelResult,
     ConfigureResult,
+    EvaluateResult,
     GenerateResult,
     Metrics,
     MonitorResult,
@@ -241,6 +242,23 @@ class Tools:
         result = self.script(project, "configure_run.py", *args, timeout=600)
         return ConfigureResult(success=True, **{k: result[k] for k in (
             "run_id", "run_directory", "manifest_path", "configuration_summary")})
+
+    def evaluate(self, project_value: str, run_id: str, stage: int, test_dataset: Optional[str],
+                 include_base: bool, max_samples: Optional[int], client_roots: Optional[list[Path]]) -> EvaluateResult:
+        project = self.project(project_value, client_roots)
+        self.run_dir(project, run_id)
+        args = ["--run-id", run_id, "--stage", str(stage)]
+        if test_dataset:
+            args += ["--test-data", str(self.path(test_dataset, "test_dataset", client_roots))]
+        if not include_base:
+            args.append("--no-base")
+        if max_samples:
+            args += ["--max-samples", str(max_samples)]
+        result = self.script(project, "evaluate.py", *args)
+        return EvaluateResult(success=True, run_id=run_id, stage=stage, evaluation_results=result["metrics"],
+                              base_results=result.get("base"), forgetting=result.get("forgetting"),
+                              thresholds=result["thresholds"], results_file=result["results_file"],
+                              samples_file=result["samples_file"])
 
     def _argv(self, project: Path, run_id: str, stage: Optional[int], resume: bool) -> list[str]:
         argv = [self.settings.project_python(project), str(project / "scripts" / "train.py"), "--json",

@@ -2,8 +2,8 @@
 # The main job, end to end on the built-in tiny model, as a user would run it:
 # generate a two-stage project, install it, build its tiny OLMo-2 model (both engines load
 # it), prepare the sample data (lengths measured with that model's tokenizer), train both
-# stages with each backend, show the runs, and run the project's own tests. It grows as
-# evaluation and export land.
+# stages with each backend, evaluate, show the runs, and run the project's own tests. It
+# grows as export lands.
 #
 #   bash scripts/demo.sh [DEST]     (default DEST: ./demo-project; must not exist)
 set -euo pipefail
@@ -23,7 +23,7 @@ ls
 
 step "install it (torch is pinned to the CPU build first where that build is on disk)"
 python -m pip install -q torch==2.13.0 2>/dev/null || true
-python -m pip install -q -e '.[mlx,transformers,dev]'
+python -m pip install -q -e '.[mlx,transformers,evaluation,dev]'
 
 step "build the tiny model and check that transformers and mlx-lm load it"
 python scripts/make_tiny_model.py
@@ -39,9 +39,12 @@ for backend in transformers mlx; do
     python scripts/train.py --name "demo-$backend" --set training.backend=$backend "${tiny[@]}"
 done
 
+step "evaluate stage 2 of the mlx run (and the base model, and forgetting of stage 1)"
+run=$(ls runs | grep demo-mlx | tail -1)
+python scripts/evaluate.py --run-id "$run" --stage 2 --max-samples 20
+
 step "the runs"
 python scripts/status.py
-run=$(ls runs | grep demo-mlx | tail -1)
 python -c "import json, sys; m = json.load(open(sys.argv[1])); print(json.dumps({k: {'status': v['status'], 'val_loss': [v['metrics']['val_loss_before'], v['metrics']['val_loss']], 'parent': v['parent_adapter']} for k, v in m['stages'].items()}, indent=1))" "runs/$run/run-manifest.json"
 ls "runs/$run/stage2/adapters"
 

@@ -21,13 +21,14 @@ SOURCES = {
     ".copier-answers.yml", ".env.example", ".gitignore", "README.md", "pyproject.toml", "requirements.txt",
     "config/fine_tuning_config.yaml",
     "trainer/__init__.py", "trainer/base_trainer.py", "trainer/cli.py", "trainer/config.py",
-    "trainer/dataset_preparator.py", "trainer/errors.py", "trainer/files.py", "trainer/mlx_trainer.py",
+    "trainer/dataset_preparator.py", "trainer/errors.py", "trainer/evaluation.py", "trainer/files.py",
+    "trainer/mlx_trainer.py",
     "trainer/pipeline.py", "trainer/tiny_model.py", "trainer/training_data.py", "trainer/training_run_manager.py",
     "trainer/transformers_trainer.py", "trainer/weighting.py",
-    "scripts/configure_run.py", "scripts/make_tiny_model.py", "scripts/prepare_dataset.py", "scripts/status.py",
-    "scripts/train.py",
-    "tests/conftest.py", "tests/test_config.py", "tests/test_dataset.py", "tests/test_tiny_model.py",
-    "tests/test_trainer.py",
+    "scripts/configure_run.py", "scripts/evaluate.py", "scripts/make_tiny_model.py", "scripts/prepare_dataset.py",
+    "scripts/status.py", "scripts/train.py",
+    "tests/conftest.py", "tests/test_config.py", "tests/test_dataset.py", "tests/test_evaluation.py",
+    "tests/test_tiny_model.py", "tests/test_trainer.py",
     "data/processed/.gitkeep", "data/quality_reports/.gitkeep", "runs/.gitkeep", "logs/.gitkeep",
     "emissions/.gitkeep",
 }
@@ -144,6 +145,7 @@ def test_dependencies_follow_the_answers(generated):
     assert ("mlx" in extras) == use_mlx
     assert ("transformers" in extras) == (a["backend"] != "mlx")
     assert ("carbon" in extras) == a["enable_carbontracking"]
+    assert ("evaluation" in extras) == a["enable_evaluation"]
     assert ("mlflow" in extras) == a["enable_mlflow"] and ("wandb" in extras) == a["enable_wandb"]
     assert ("hf" in extras) == a["enable_huggingface_upload"]
     assert any(d.startswith("pyarrow") for d in meta["dependencies"]) == (a["dataset_format"] == "parquet")

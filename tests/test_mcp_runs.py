@@ -89,6 +89,13 @@ def test_start_in_the_background_and_monitor_to_completion(env):
 
     manifest, log = anyio.run(resources)
     assert '"schema_version": "2.0"' in manifest and "<<<untrusted-text" in log
+
+    evaluated = mcp_ok(env["server"], "evaluate_model", {"project_path": env["project"], "run_id": run_id,
+                                                         "stage": 2, "max_samples": 4})
+    assert evaluated["evaluation_results"]["rows"] == 4 and evaluated["evaluation_results"]["perplexity"] > 1
+    assert set(evaluated["thresholds"]["checks"]) == {"stage2", "sequential"}
+    assert evaluated["forgetting"]["stage1_model"]["rows"] == 4 and evaluated["base_results"]["perplexity"] > 1
+    assert Path(evaluated["results_file"]).is_file() and Path(evaluated["samples_file"]).is_file()
     # a second project run can now estimate its duration from this one
     second = configure(env, "estimated", QUICK)
     out = mcp_ok(env["server"], "start_training", {"project_path": env["project"], "run_id": second})

@@ -1,7 +1,7 @@
 """End to end over stdio: the real SDK client starts the real server as a subprocess
 (`python -m mcp_wrapper`), generates a two-stage project on a tiny OLMo-2 model, prepares,
-configures, trains in the background to completion, lists runs, and cancels a second run
-mid-training. Every byte the server wrote to stdout must be JSON-RPC."""
+configures, trains in the background to completion, evaluates, lists runs, and cancels a
+second run mid-training. Every byte the server wrote to stdout must be JSON-RPC."""
 
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def test_full_lifecycle_over_stdio(tmp_path):
                     break
                 await anyio.sleep(0.3)
             assert seen["status"] == "completed", seen
+            evaluated = await call(client, "evaluate_model", {"project_path": project, "run_id": run_id, "stage": 1,
+                                                              "max_samples": 3, "include_base": False})
+            assert evaluated["evaluation_results"]["rows"] == 3 and evaluated["base_results"] is None
             second = (await call(client, "configure_training_run", {
                 "project_path": project, "run_name": "long",
                 "override_params": {"training": {"num_stages": 1, "stage1": {"iterations": 100000}}}}))["run_id"]

@@ -15,7 +15,7 @@ from mcp_wrapper.server import build_server
 from mcp_wrapper.settings import Settings
 
 TOOLS = {"generate_fine_tuning_project", "update_project", "prepare_dataset", "configure_training_run",
-         "start_training", "monitor_training_progress", "list_runs", "cancel_training"}
+         "start_training", "monitor_training_progress", "list_runs", "cancel_training", "evaluate_model"}
 
 
 @pytest.fixture
@@ -125,6 +125,8 @@ def test_run_tools_need_a_project_and_a_known_run(server, root):
     for tool in ("monitor_training_progress", "start_training", "cancel_training"):
         text = mcp_error(server, tool, {"project_path": project, "run_id": "nope-1"})
         assert "unknown run id 'nope-1'" in text and "known runs: none" in text
+    text = mcp_error(server, "evaluate_model", {"project_path": project, "run_id": "nope-1", "stage": 1})
+    assert "unknown run id 'nope-1'" in text
     text = mcp_error(server, "configure_training_run", {"project_path": project, "run_name": "first"})
     assert "stage 1 train data file not found" in text and "prepare_dataset.py" in text
     text = mcp_error(server, "configure_training_run", {"project_path": project, "run_name": "x",

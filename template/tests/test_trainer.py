@@ -114,6 +114,12 @@ class FileBackend(Backend):
     def evaluate(self, batches):
         return 0.0
 
+    def generate(self, prompts, max_tokens, temperature, top_p):
+        return ["" for _ in prompts]
+
+    def eval_mode(self):
+        pass
+
     def save_adapter(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "adapters.safetensors").write_bytes(b"weights" * 100)

@@ -96,6 +96,18 @@ class Backend(ABC):
         """Restore the adapter weights, optimizer state and RNG state of a checkpoint."""
 
     @abstractmethod
+    def generate(self, prompts: list[str], max_tokens: int, temperature: float, top_p: float) -> list[str]:
+        """Continue each (chat-templated) prompt; greedy when temperature is 0."""
+
+    @abstractmethod
+    def eval_mode(self) -> None:
+        """Inference from here on: no dropout."""
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens as training saw them (the template already holds any BOS)."""
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    @abstractmethod
     def peak_memory_gb(self) -> float:
         ...
 

@@ -251,10 +251,20 @@ class EvaluationSection(Section):
     metrics: list[Literal["perplexity", "accuracy", "bleu", "chrf"]] = Field(
         default_factory=lambda: ["perplexity", "accuracy", "bleu", "chrf"]
     )
+    custom_metrics: list[str] = Field(default_factory=list, description="'package.module:function' names")
     stage1_threshold: float = Field(default=0.7, ge=0, le=1)
     stage2_threshold: float = Field(default=0.7, ge=0, le=1)
     sequential_threshold: float = Field(default=0.6, ge=0, le=1)
     generation: GenerationSection = GenerationSection()
+
+
+    @field_validator("custom_metrics")
+    @classmethod
+    def _importable_names(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if ":" not in name or not all(name.partition(":")[::2])]
+        if bad:
+            raise ValueError(f"custom_metrics entries must look like 'package.module:function', got {bad}")
+        return value
 
 
 class PathsSection(Section):

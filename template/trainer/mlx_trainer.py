@@ -195,6 +195,17 @@ class MLXBackend(Backend):
         mx.random.seed((high << 32) | low)
         mx.eval(self.model.parameters(), self.optimizer.state)
 
+    def eval_mode(self) -> None:
+        self.model.eval()
+
+    def generate(self, prompts: list[str], max_tokens: int, temperature: float, top_p: float) -> list[str]:
+        from mlx_lm import generate
+        from mlx_lm.sample_utils import make_sampler
+
+        sampler = make_sampler(temp=temperature, top_p=top_p if temperature > 0 and top_p < 1 else 0.0)
+        return [generate(self.model, self.tokenizer, prompt=self.prompt_ids(p), max_tokens=max_tokens,
+                         sampler=sampler, verbose=False) for p in prompts]
+
     def peak_memory_gb(self) -> float:
         """The GPU allocator's peak on Apple silicon; the process's peak resident memory on CPU
         (as the transformers backend reports it there, so the two compare)."""

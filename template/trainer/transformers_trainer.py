@@ -137,6 +137,22 @@ class TransformersBackend(Backend):
         self.model.train()
         return total / max(count, 1)
 
+    def eval_mode(self) -> None:
+        self.model.eval()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_tokens: int, temperature: float, top_p: float) -> list[str]:
+        outputs = []
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+            "do_sample": False}
+        for prompt in prompts:
+            ids = torch.tensor([self.prompt_ids(prompt)], device=self.device)
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_id,
+                                      use_cache=True, **sampling)
+            outputs.append(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        return outputs
+
     def save_adapter(self, folder: Path) -> None:
         self.model.save_pretrained(str(folder))
 

@@ -1,0 +1,176 @@
+"""Evaluate a run's stage (and the base model): perplexity on the answer tokens, exact-match
+accuracy of greedy (or configured) generations, BLEU and chrF, custom metrics, and for
+two-stage runs a forgetting check of the stage-2 model on the stage-1 test set.
+
+Results go to runs/<id>/stageN/evaluation/results.json with the generations in
+samples.jsonl, and a summary into the run manifest. The same backend that trained the
+run evaluates it (its adapter format is that engine's).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+import string
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from trainer.base_trainer import Backend
+from trainer.config import FineTuningConfig
+from trainer.errors import ProjectError
+from trainer.files import sha256_file, write_atomic, write_json
+from trainer.training_data import eval_batches, messages_of, read_records, tokenize
+from trainer.training_run_manager import RunError, RunManager, now
+
+PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+class EvaluationError(ProjectError):
+    kind = "evaluation_error"
+
+
+def normalise(text: str) -> str:
+    """For exact match: lower case, punctuation removed, whitespace collapsed."""
+    return " ".join(PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def text_metrics(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
+    scores: dict[str, float] = {}
+    if "accuracy" in metrics:
+        scores["accuracy"] = sum(normalise(p) == normalise(r) for p, r in zip(predictions, references, strict=True)) \
+            / max(1, len(references))
+    if "bleu" in metrics or "chrf" in metrics:
+        try:
+            from sacrebleu.metrics import BLEU, CHRF
+        except ImportError as error:
+            raise EvaluationError("BLEU and chrF need sacrebleu: pip install -e '.[evaluation]'") from error
+        if "bleu" in metrics:  # effective order: short answers are not scored zero for lacking 4-grams
+            scores["bleu"] = BLEU(effective_order=True).corpus_score(predictions, [references]).score
+        if "chrf" in metrics:
+            scores["chrf"] = CHRF().corpus_score(predictions, [references]).score
+    return scores
+
+
+def custom_metric(name: str) -> Callable[[list[str], list[str]], float]:
+    """A user metric named 'package.module:function', called as function(predictions, references)."""
+    module, _, function = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise EvaluationError(f"evaluation.custom_metrics entry {name!r} cannot be imported: {error}") from None
+
+
+def evaluate_model(backend: Backend, records: list[dict[str, Any]], config: FineTuningConfig,
+                   batch_size: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics of the loaded model on `records`, and one sample per record."""
+    evaluation, training = config.evaluation, config.training
+    metrics: dict[str, Any] = {"rows": len(records)}
+    if "perplexity" in evaluation.metrics:
+        data = tokenize(records, backend.tokenizer, training.max_seq_length, training.mask_prompt)
+        loss = backend.evaluate(eval_batches(data, batch_size, -1, backend.pad_id, backend.pad_multiple))
+        metrics.update(loss=loss, perplexity=math.exp(min(loss, 700)))
+    prompts = [backend.tokenizer.apply_chat_template(messages_of(r)[:-1], tokenize=False, add_generation_prompt=True)
+               for r in records]
+    references = [messages_of(r)[-1]["content"] for r in records]
+    generation = evaluation.generation
+    predictions = backend.generate(prompts, generation.max_tokens, generation.temperature, generation.top_p)
+    metrics.update(text_metrics(predictions, references, evaluation.metrics))
+    custom = {name: float(custom_metric(name)(predictions, references)) for name in evaluation.custom_metrics}
+    if custom:
+        metrics["custom_metrics"] = custom
+    samples = [{"prompt": messages_of(r)[-2]["content"] if len(messages_of(r)) > 1 else "", "reference": ref,
+                "prediction": pred, "exact_match": normalise(pred) == normalise(ref)}
+               for r, ref, pred in zip(records, references, predictions, strict=True)]
+    return metrics, samples
+
+
+def _load(config: FineTuningConfig, backend_name: str, adapter: Optional[Path], seed: int) -> Backend:
+    from trainer.pipeline import make_backend
+
+    backend = make_backend(backend_name, seed)
+    backend.load(config.model_source(), config.base_model.quantization, config.root / "models" / "quantized")
+    if adapter is not None:
+        backend.add_adapters(config.lora, False, adapter)
+    backend.eval_mode()
+    return backend
+
+
+def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: Optional[Path] = None,
+                 include_base: bool = True, max_samples: Optional[int] = None) -> dict[str, Any]:
+    """Evaluate a completed stage of a run; writes results.json and samples.jsonl."""
+    manager = RunManager(config)
+    run_dir = manager.run_dir(run_id)
+    with manager.lock(run_id):
+        manifest = manager.manifest(run_id)
+        run_config = manager.run_config(run_id)
+        key = f"stage{stage}"
+        if key not in manifest["stages"]:
+            raise RunError(f"run {run_id} has no stage {stage}; its stages: {sorted(manifest['stages'])}")
+        if manifest["stages"][key]["status"] != "completed":
+            raise RunError(f"stage {stage} of run {run_id} has not completed (status "
+                           f"{manifest['stages'][key]['status']}); train it first")
+        backend_name = manifest["backend"]["resolved"]
+        test_file = test_file or run_dir / key / "training-data" / "test.jsonl"
+        if not test_file.is_file():
+            raise EvaluationError(f"test data not found: {test_file}; pass --test-data")
+
+        def records_of(path: Path) -> list[dict[str, Any]]:
+            records = read_records(path)
+            return records[:max_samples] if max_samples else records
+
+        records = records_of(test_file)
+        batch = run_config.training.stage(stage).batch_size
+        seed = run_config.training.seed
+        tuned = _load(run_config, backend_name, run_dir / key / "adapters", seed)
+        metrics, samples = evaluate_model(tuned, records, run_config, batch)
+        result: dict[str, Any] = {
+            "run_id": run_id, "stage": stage, "backend": backend_name, "evaluated_at": now(),
+            "test_data": {"path": str(test_file), "sha256": sha256_file(test_file), "rows": len(records)},
+            "generation": run_config.evaluation.generation.model_dump(), "metrics": metrics,
+        }
+        if stage == 2:
+            stage1_test = run_dir / "stage1" / "training-data" / "test.jsonl"
+            if stage1_test.is_file():
+                old = records_of(stage1_test)
+                after, _ = evaluate_model(tuned, old, run_config, batch)
+                before, _ = evaluate_model(_load(run_config, backend_name, run_dir / "stage1" / "adapters", seed),
+                                           old, run_config, batch)
+                result["forgetting"] = {
+                    "test_data": str(stage1_test), "stage1_model": before, "stage2_model": after,
+                    "perplexity_increase": (after["perplexity"] / before["perplexity"] - 1)
+                    if "perplexity" in before else None,
+                    "accuracy_change": after.get("accuracy", 0) - before.get("accuracy", 0)
+                    if "accuracy" in before else None,
+                }
+        if include_base:
+            result["base"], _ = evaluate_model(_load(run_config, backend_name, None, seed), records, run_config, batch)
+        result["thresholds"] = thresholds(run_config, stage, result)
+        folder = run_dir / key / "evaluation"
+        write_json(folder / "results.json", result)
+        write_atomic(folder / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        summary = {k: metrics[k] for k in ("perplexity", "accuracy", "bleu", "chrf") if k in metrics}
+        manager.update_manifest(run_id, lambda m: (
+            m.__setitem__("evaluation", {**(m.get("evaluation") or {}), key: {
+                **summary, "passed": result["thresholds"]["passed"], "results_file": f"{key}/evaluation/results.json",
+                "evaluated_at": result["evaluated_at"]}}),
+            m["stages"][key].__setitem__("evaluation_file", f"{key}/evaluation/results.json")))
+        return {**result, "results_file": str(folder / "results.json"), "samples_file": str(folder / "samples.jsonl")}
+
+
+def thresholds(config: FineTuningConfig, stage: int, result: dict[str, Any]) -> dict[str, Any]:
+    """Pass/fail against the config's thresholds, on exact-match accuracy: the stage's model on
+    its own test set (stage1_threshold / stage2_threshold) and, after stage 2, the stage-2
+    model on the stage-1 test set (sequential_threshold: what it kept of stage 1)."""
+    evaluation = config.evaluation
+    accuracy = result["metrics"].get("accuracy")
+    limit = evaluation.stage1_threshold if stage == 1 else evaluation.stage2_threshold
+    checks = {f"stage{stage}": {"metric": "accuracy", "value": accuracy, "threshold": limit,
+                                "passed": accuracy is not None and accuracy >= limit}}
+    if "forgetting" in result:
+        kept = result["forgetting"]["stage2_model"].get("accuracy")
+        checks["sequential"] = {"metric": "accuracy on the stage-1 test set", "value": kept,
+                                "threshold": evaluation.sequential_threshold,
+                                "passed": kept is not None and kept >= evaluation.sequential_threshold}
+    return {"checks": checks, "passed": all(c["passed"] for c in checks.values())}
