@@ -71,18 +71,19 @@ def evaluate_model(backend: Backend, records: list[dict[str, Any]], config: Fine
         data = tokenize(records, backend.tokenizer, training.max_seq_length, training.mask_prompt)
         loss = backend.evaluate(eval_batches(data, batch_size, -1, backend.pad_id, backend.pad_multiple))
         metrics.update(loss=loss, perplexity=math.exp(min(loss, 700)))
-    prompts = [backend.tokenizer.apply_chat_template(messages_of(r)[:-1], tokenize=False, add_generation_prompt=True)
-               for r in records]
-    references = [messages_of(r)[-1]["content"] for r in records]
+    conversations = [messages_of(r) for r in records]
+    prompts = [backend.tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True)
+               for m in conversations]
+    references = [m[-1]["content"] for m in conversations]
     generation = evaluation.generation
     predictions = backend.generate(prompts, generation.max_tokens, generation.temperature, generation.top_p)
     metrics.update(text_metrics(predictions, references, evaluation.metrics))
     custom = {name: float(custom_metric(name)(predictions, references)) for name in evaluation.custom_metrics}
     if custom:
         metrics["custom_metrics"] = custom
-    samples = [{"prompt": messages_of(r)[-2]["content"] if len(messages_of(r)) > 1 else "", "reference": ref,
-                "prediction": pred, "exact_match": normalise(pred) == normalise(ref)}
-               for r, ref, pred in zip(records, references, predictions, strict=True)]
+    samples = [{"prompt": m[-2]["content"] if len(m) > 1 else "", "reference": ref, "prediction": pred,
+                "exact_match": normalise(pred) == normalise(ref)}
+               for m, ref, pred in zip(conversations, references, predictions, strict=True)]
     return metrics, samples
 
 
