@@ -64,7 +64,6 @@ def _now() -> datetime:
 class Tools:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._children: dict[int, subprocess.Popen] = {}
 
     # ------------------------------------------------------------- paths
 
@@ -283,8 +282,7 @@ class Tools:
             proc = subprocess.Popen(self._argv(project, run_id, stage, resume), cwd=project, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self._children[proc.pid] = proc
-        threading.Thread(target=self._reap, args=(proc,), daemon=True).start()  # no zombies
+        threading.Thread(target=proc.wait, daemon=True).start()  # reaps the child: no zombies
         def running() -> bool:
             with contextlib.suppress(OSError, ValueError):
                 status = read_json(run_dir / "status.json")
@@ -297,10 +295,6 @@ class Tools:
         if proc.poll() is not None and proc.returncode != 0:
             raise ToolError(f"training did not start: {self._final(log_file).get('error', {}).get('message')}")
         return proc, run_dir, log_file
-
-    def _reap(self, proc: subprocess.Popen) -> None:
-        proc.wait()
-        self._children.pop(proc.pid, None)
 
     @staticmethod
     def _final(log_file: Path) -> dict[str, Any]:
