@@ -39,6 +39,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "features": {name: name for name in (
         "enable_mlx_optimization", "enable_quality_weighting", "enable_carbontracking", "enable_mlflow",
         "enable_wandb", "enable_huggingface_upload", "enable_evaluation")},
+    "export": {"formats": "export_formats"},
     "carbon_config": {"project_name": "carbon_project_name", "country_iso_code": "carbon_country_iso_code",
                       "offline_mode": "carbon_offline_mode"},
     "integrations": {"mlflow_tracking_uri": "mlflow_tracking_uri", "wandb_project": "wandb_project",

@@ -64,6 +64,20 @@ class EvaluateResult(BaseModel):
     samples_file: str = Field(description="generations next to references (model text: untrusted)")
 
 
+class ExportResult(BaseModel):
+    success: bool
+    export_path: str
+    export_format: str
+    model_size_mb: float = Field(description="size of the export folder in MB (10^6 bytes)")
+    huggingface_url: Optional[str] = Field(description="the Hub repository, when uploaded")
+    usage_instructions: str
+    merged: bool = Field(description="whether the adapter was merged into the base model")
+    quantization: str
+    files: list[str] = Field(description="files of the export folder")
+    upload: Optional[dict[str, Any]] = Field(
+        default=None, description="what was uploaded (or, with dry_run, would be): repo_id, private, files")
+
+
 class StartResult(BaseModel):
     success: bool
     run_id: str

@@ -10,7 +10,7 @@ import argparse
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 from urllib.parse import unquote, urlparse
 
 import anyio
@@ -24,6 +24,7 @@ from mcp_wrapper.models import (
     CancelResult,
     ConfigureResult,
     EvaluateResult,
+    ExportResult,
     GenerateResult,
     MonitorResult,
     PrepareResult,
@@ -64,6 +65,7 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
     BaseModelInput, TrainingInput, LoraInput = inputs["base_model"], inputs["training"], inputs["lora"]
     DatasetInput, FeaturesInput = inputs["dataset"], inputs["features"]
     CarbonInput, IntegrationsInput = inputs["carbon_config"], inputs["integrations"]
+    ExportInput = inputs["export"]
     server = MCPServer("olmo-fine-tuning", instructions=INSTRUCTIONS)
 
     async def call(function, *args: Any) -> Any:
@@ -82,6 +84,7 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
         features: Optional[FeaturesInput] = None,
         carbon_config: Optional[CarbonInput] = None,
         integrations: Optional[IntegrationsInput] = None,
+        export: Optional[ExportInput] = None,
         template_version: Annotated[Optional[str], Field(description="template tag (default: newest)")] = None,
         git_init: Annotated[bool, Field(description="make the project a git repository (update needs one)")] = True,
         ctx: Context = None,
@@ -89,7 +92,8 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
         """Generate a complete fine-tuning project from the template. Only the values you give
         are passed to copier; every other answer takes the template's default."""
         sections = {"base_model": base_model, "training": training, "lora": lora, "dataset": dataset,
-                    "features": features, "carbon_config": carbon_config, "integrations": integrations}
+                    "features": features, "carbon_config": carbon_config, "integrations": integrations,
+                    "export": export}
         roots = await client_roots(ctx)
         return await call(tools.generate, project_name, output_dir, {"description": description, "version": version},
                           sections, template_version, git_init, roots)
@@ -188,6 +192,34 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
         """Evaluate a completed stage (and the base model): perplexity, exact-match accuracy, BLEU, chrF,
         thresholds, and after stage 2 a forgetting check on the stage-1 test set."""
         return await call(tools.evaluate, project_path, run_id, stage, test_dataset, include_base, max_samples,
+                          await client_roots(ctx))
+
+    @server.tool()
+    async def export_model(
+        project_path: str,
+        run_id: str,
+        stage: Annotated[int, Field(ge=1, le=2, description="which stage's model to export (1 or 2)")],
+        export_format: Annotated[Literal["adapters", "safetensors", "huggingface", "mlx", "gguf"], Field(
+            description="adapters: the LoRA adapter in peft and mlx-lm formats; safetensors/huggingface: merged "
+                        "Hugging Face model; mlx: fused mlx-lm model; gguf: one GGUF file (llama.cpp, Ollama)")],
+        export_path: Annotated[Optional[str], Field(
+            description="export folder, relative to the project or absolute inside the allowed roots "
+                        "(default: exports/<run>-stage<N>-<format>)")] = None,
+        merge_adapters: Annotated[bool, Field(description="merge the LoRA adapter into the base model")] = True,
+        quantization: Annotated[Optional[Literal["f32", "f16", "q8_0", "none", "q4", "q8"]], Field(
+            description="gguf: f32, f16, q8_0; mlx: none, q4, q8 (default: the project's config)")] = None,
+        overwrite: Annotated[bool, Field(description="replace an existing export folder")] = False,
+        upload_to_huggingface: Annotated[bool, Field(
+            description="upload the export to the Hugging Face Hub (token from HF_TOKEN in the server's "
+                        "environment; private per the project's config)")] = False,
+        hf_repo_id: Annotated[Optional[str], Field(description="user-or-org/name on the Hub")] = None,
+        dry_run: Annotated[bool, Field(description="with upload: list what would be uploaded, upload nothing")
+                           ] = False,
+        ctx: Context = None,
+    ) -> ExportResult:
+        """Export a completed stage for deployment; returns the path, size in MB and usage instructions."""
+        return await call(tools.export, project_path, run_id, stage, export_format, export_path, merge_adapters,
+                          quantization, overwrite, upload_to_huggingface, hf_repo_id, dry_run,
                           await client_roots(ctx))
 
     @server.tool()

@@ -29,6 +29,7 @@ from mcp_wrapper.models import (
     CancelResult,
     ConfigureResult,
     EvaluateResult,
+    ExportResult,
     GenerateResult,
     Metrics,
     MonitorResult,
@@ -45,6 +46,7 @@ from mcp_wrapper.settings import Settings
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "olmo-fine-tuning-mcp", "GIT_AUTHOR_EMAIL": "olmo-fine-tuning-mcp@localhost",
                 "GIT_COMMITTER_NAME": "olmo-fine-tuning-mcp", "GIT_COMMITTER_EMAIL": "olmo-fine-tuning-mcp@localhost"}
 QUESTION_ERROR = re.compile(r"(?:Validation error for question|Invalid choice for) '(\w+)'[: ]*(.*)", re.DOTALL)
+EXPORT_TIMEOUT = 4 * 3600  # merging and converting a 70B model takes a while
 SCRIPT_TIMEOUT = 3600
 
 
@@ -258,6 +260,31 @@ class Tools:
                               base_results=result.get("base"), forgetting=result.get("forgetting"),
                               thresholds=result["thresholds"], results_file=result["results_file"],
                               samples_file=result["samples_file"])
+
+    def export(self, project_value: str, run_id: str, stage: int, export_format: str, export_path: Optional[str],
+               merge_adapters: bool, quantization: Optional[str], overwrite: bool, upload_to_huggingface: bool,
+               hf_repo_id: Optional[str], dry_run: bool, client_roots: Optional[list[Path]]) -> ExportResult:
+        project = self.project(project_value, client_roots)
+        self.run_dir(project, run_id)
+        args = ["--run-id", run_id, "--stage", str(stage), "--format", export_format]
+        if export_path:  # relative paths are the project's; every path must lie in the allowed roots
+            path = Path(export_path).expanduser()
+            args += ["--output", str(self.path(path if path.is_absolute() else project / path, "export_path",
+                                               client_roots))]
+        if not merge_adapters:
+            args.append("--no-merge")
+        if quantization:
+            args += ["--quantization", quantization]
+        if overwrite:
+            args.append("--overwrite")
+        if upload_to_huggingface:
+            args.append("--upload")
+            if hf_repo_id:
+                args += ["--hf-repo-id", hf_repo_id]
+            if dry_run:
+                args.append("--dry-run")
+        result = self.script(project, "export.py", *args, timeout=EXPORT_TIMEOUT)
+        return ExportResult(**{k: result.get(k) for k in ExportResult.model_fields})
 
     def _argv(self, project: Path, run_id: str, stage: Optional[int], resume: bool) -> list[str]:
         argv = [self.settings.project_python(project), str(project / "scripts" / "train.py"), "--json",

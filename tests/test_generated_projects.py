@@ -20,14 +20,16 @@ from conftest import script
 SOURCES = {
     ".copier-answers.yml", ".env.example", ".gitignore", "README.md", "pyproject.toml", "requirements.txt",
     "config/fine_tuning_config.yaml",
-    "trainer/__init__.py", "trainer/base_trainer.py", "trainer/cli.py", "trainer/config.py",
-    "trainer/dataset_preparator.py", "trainer/errors.py", "trainer/evaluation.py", "trainer/files.py",
-    "trainer/mlx_trainer.py",
+    "trainer/__init__.py", "trainer/adapters.py", "trainer/base_trainer.py", "trainer/cli.py", "trainer/config.py",
+    "trainer/dataset_preparator.py", "trainer/errors.py", "trainer/evaluation.py", "trainer/export.py",
+    "trainer/export_engines.py", "trainer/files.py", "trainer/gguf_export.py", "trainer/hub.py",
+    "trainer/mlx_trainer.py", "trainer/model_card.py",
     "trainer/pipeline.py", "trainer/tiny_model.py", "trainer/training_data.py", "trainer/training_run_manager.py",
     "trainer/transformers_trainer.py", "trainer/weighting.py",
-    "scripts/configure_run.py", "scripts/evaluate.py", "scripts/make_tiny_model.py", "scripts/prepare_dataset.py",
-    "scripts/status.py", "scripts/train.py",
+    "scripts/configure_run.py", "scripts/evaluate.py", "scripts/export.py", "scripts/make_tiny_model.py",
+    "scripts/prepare_dataset.py", "scripts/status.py", "scripts/train.py",
     "tests/conftest.py", "tests/test_config.py", "tests/test_dataset.py", "tests/test_evaluation.py",
+    "tests/test_export.py",
     "tests/test_tiny_model.py", "tests/test_trainer.py",
     "data/processed/.gitkeep", "data/quality_reports/.gitkeep", "runs/.gitkeep", "logs/.gitkeep",
     "emissions/.gitkeep",
@@ -42,7 +44,8 @@ MATRIX = [
                  id="llama-csv-2stage-all-integrations"),
     pytest.param({"model_type": "mistral", "dataset_format": "parquet", "num_stages": 2, "backend": "transformers",
                   "enable_mlx_optimization": False, "enable_carbontracking": False,
-                  "enable_quality_weighting": False, "enable_evaluation": False},
+                  "enable_quality_weighting": False, "enable_evaluation": False,
+                  "export_formats": ["adapters", "mlx"]},
                  id="mistral-parquet-2stage-minimal"),
     pytest.param({"model_type": "custom", "model_id": "Qwen/Qwen2.5-0.5B-Instruct", "dataset_format": "jsonl",
                   "num_stages": 1, "backend": "mlx", "quantization": "q4", "input_field": "", "quality_field": "",
@@ -135,6 +138,7 @@ def test_config_loads_and_matches_the_answers(generated):
     assert c["mlflow"]["enabled"] == a["enable_mlflow"] and c["wandb"]["enabled"] == a["enable_wandb"]
     assert c["huggingface"]["enabled"] == a["enable_huggingface_upload"]
     assert c["evaluation"]["enabled"] == a["enable_evaluation"]
+    assert c["export"]["formats"] == a["export_formats"]
 
 
 def test_dependencies_follow_the_answers(generated):
@@ -148,6 +152,7 @@ def test_dependencies_follow_the_answers(generated):
     assert ("evaluation" in extras) == a["enable_evaluation"]
     assert ("mlflow" in extras) == a["enable_mlflow"] and ("wandb" in extras) == a["enable_wandb"]
     assert ("hf" in extras) == a["enable_huggingface_upload"]
+    assert ("gguf" in extras) == ("gguf" in a["export_formats"])
     assert any(d.startswith("pyarrow") for d in meta["dependencies"]) == (a["dataset_format"] == "parquet")
     if use_mlx:
         assert 'mlx[cpu]>=0.26; sys_platform == "linux"' in extras["mlx"]

@@ -96,6 +96,18 @@ def test_start_in_the_background_and_monitor_to_completion(env):
     assert set(evaluated["thresholds"]["checks"]) == {"stage2", "sequential"}
     assert evaluated["forgetting"]["stage1_model"]["rows"] == 4 and evaluated["base_results"]["perplexity"] > 1
     assert Path(evaluated["results_file"]).is_file() and Path(evaluated["samples_file"]).is_file()
+    exported = mcp_ok(env["server"], "export_model", {"project_path": env["project"], "run_id": run_id, "stage": 2,
+                                                       "export_format": "huggingface", "export_path": "exports/mine"})
+    assert exported["success"] and exported["export_path"] == str(Path(env["project"]) / "exports" / "mine")
+    assert exported["merged"] and exported["model_size_mb"] > 0 and "config.json" in exported["files"]
+    assert "from_pretrained" in exported["usage_instructions"] and exported["huggingface_url"] is None
+    refused = mcp_error(env["server"], "export_model", {"project_path": env["project"], "run_id": run_id, "stage": 2,
+                                                        "export_format": "huggingface", "export_path": "exports/mine"})
+    assert "already exists; pass overwrite" in refused
+    outside = mcp_error(env["server"], "export_model", {"project_path": env["project"], "run_id": run_id, "stage": 2,
+                                                        "export_format": "adapters", "export_path": "/etc/exported"})
+    assert "export_path" in outside and "outside" in outside
+    assert not Path("/etc/exported").exists()
     # a second project run can now estimate its duration from this one
     second = configure(env, "estimated", QUICK)
     out = mcp_ok(env["server"], "start_training", {"project_path": env["project"], "run_id": second})

@@ -62,6 +62,9 @@ def test_full_lifecycle_over_stdio(tmp_path):
             evaluated = await call(client, "evaluate_model", {"project_path": project, "run_id": run_id, "stage": 1,
                                                               "max_samples": 3, "include_base": False})
             assert evaluated["evaluation_results"]["rows"] == 3 and evaluated["base_results"] is None
+            exported = await call(client, "export_model", {"project_path": project, "run_id": run_id, "stage": 2,
+                                                           "export_format": "adapters"})
+            assert {"peft/adapter_model.safetensors", "mlx/adapters.safetensors"} <= set(exported["files"])
             second = (await call(client, "configure_training_run", {
                 "project_path": project, "run_name": "long",
                 "override_params": {"training": {"num_stages": 1, "stage1": {"iterations": 100000}}}}))["run_id"]

@@ -35,6 +35,7 @@ BAD_ANSWERS = {
     "lora_dropout": [(1.0, {})],
     "lora_target_modules": [("q_proj", {}), ([], {}), (["q proj"], {}), ({"q_proj": 1}, {})],
     "lora_num_layers": [(0, {}), (-2, {})],
+    "export_formats": [("gguf", {}), (["onnx"], {}), ({"gguf": 1}, {})],
     "instruction_field": [("bad!", {}), ("", {})],
     "input_field": [("bad!", {})],
     "system_field": [("bad!", {})],
@@ -109,6 +110,12 @@ def test_defaults_follow_the_model_type(tmp_path, model_type, model_id, modules)
     answers = answers_of(render(tmp_path / "p", model_type=model_type))
     assert answers["model_id"] == model_id
     assert answers["lora_target_modules"] == modules
+    assert answers["export_formats"] == ["adapters", "huggingface", "gguf"]  # GGUF exports all three families
+
+
+def test_a_custom_model_does_not_plan_gguf_by_default(tmp_path):
+    answers = answers_of(render(tmp_path / "p", model_type="custom", model_id="Qwen/Qwen2.5-0.5B-Instruct"))
+    assert answers["export_formats"] == ["adapters", "huggingface"]
 
 
 def test_defaults_derive_from_earlier_answers(tmp_path):

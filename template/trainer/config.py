@@ -267,6 +267,19 @@ class EvaluationSection(Section):
         return value
 
 
+EXPORT_FORMATS = ("adapters", "safetensors", "huggingface", "mlx", "gguf")
+
+
+class ExportSection(Section):
+    # Formats this project means to export; a run's configuration checks the base model's
+    # architecture against them, so an unsupported one is known before training.
+    formats: list[Literal["adapters", "safetensors", "huggingface", "mlx", "gguf"]] = Field(
+        default_factory=lambda: ["adapters", "huggingface"])
+    output_dir: Path = Path("exports")
+    gguf_quantization: Literal["f32", "f16", "q8_0"] = "q8_0"
+    mlx_quantization: Literal["none", "q4", "q8"] = "none"
+
+
 class PathsSection(Section):
     runs_dir: Path = Path("runs")
     logs_dir: Path = Path("logs")
@@ -284,6 +297,7 @@ class FineTuningConfig(Section):
     wandb: WandbSection = WandbSection()
     huggingface: HuggingfaceSection = HuggingfaceSection()
     evaluation: EvaluationSection = EvaluationSection()
+    export: ExportSection = ExportSection()
     paths: PathsSection = PathsSection()
 
     # Where relative paths point, and the file this was loaded from; not part of the YAML.

@@ -86,6 +86,9 @@ class RunManager:
             raise RunError(f"data given for stage(s) {unknown}, "
                            f"but training.num_stages is {config.training.num_stages}")
         checked = {stage: self._check_data(stage, files) for stage, files in data.items()}
+        from trainer.export import check_planned  # here: trainer.export imports this module
+
+        check_planned(config)
 
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_id = f"{name}-{stamp}"

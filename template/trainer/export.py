@@ -1,0 +1,207 @@
+"""Export a trained stage of a run for deployment.
+
+Formats (each written as a folder with a model card, README.md):
+    adapters     the LoRA adapter in peft's format (peft/) and in mlx-lm's (mlx/), whichever trained it
+    safetensors  adapter merged into the base model: a Hugging Face model directory
+    huggingface  the same, meant for the Hub (merge_adapters false: the peft adapter alone)
+    mlx          fused with mlx-lm, optionally quantized q4/q8 (merge_adapters false: the mlx adapter)
+    gguf         the merged model as one GGUF file, f32/f16/q8_0 (llama.cpp, Ollama, LM Studio)
+
+The export is built in a temporary folder beside its destination and moved into place when
+complete, so a failed export leaves nothing behind and an existing one is replaced only when
+`overwrite` is asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer import gguf_export, hub, model_card
+from trainer.config import ARCHITECTURES, EXPORT_FORMATS, FineTuningConfig
+from trainer.export_engines import ExportError, adapter_as, fuse_mlx, merge_hf, model_type
+from trainer.files import TEMP_PREFIX, write_atomic
+from trainer.training_run_manager import RunError, RunManager, now
+
+QUANTIZATIONS = {"gguf": gguf_export.QUANTIZATIONS, "mlx": ("none", "q4", "q8")}
+
+
+def architecture(config: FineTuningConfig) -> Optional[str]:
+    """The base model's Hugging Face model_type: from a local model's config.json, else the
+    family's (None for a custom model that is not on disk)."""
+    source = Path(config.model_source())
+    if (source / "config.json").is_file():
+        return json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
+    return ARCHITECTURES.get(config.base_model.type) if config.base_model.type != "custom" else None
+
+
+def check_planned(config: FineTuningConfig) -> None:
+    """At configure time: refuse a run whose planned export formats its architecture cannot take."""
+    if "gguf" in config.export.formats:
+        arch = architecture(config)
+        if arch is not None and arch not in gguf_export.SUPPORTED:
+            raise ExportError(
+                f"export.formats includes gguf, and GGUF export does not support the base model's '{arch}' "
+                f"architecture (supported: {', '.join(sorted(gguf_export.SUPPORTED))}); remove gguf from "
+                "export.formats or choose another base model", details={"architecture": arch,
+                                                                        "supported": sorted(gguf_export.SUPPORTED)})
+
+
+def usage(fmt: str, path: Path, merged: bool, base: str, gguf_file: Optional[str] = None) -> str:
+    if fmt == "adapters" or (fmt in ("safetensors", "huggingface") and not merged):
+        return (f"transformers + peft:\n    from peft import PeftModel\n    from transformers import "
+                f"AutoModelForCausalLM\n    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+                f"'{base}'), '{path / 'peft' if fmt == 'adapters' else path}')\n"
+                + (f"mlx-lm:\n    mlx_lm.generate --model {base} --adapter-path {path / 'mlx'} --prompt 'Hello'\n"
+                   if fmt == "adapters" else ""))
+    if fmt in ("safetensors", "huggingface"):
+        return (f"transformers:\n    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                f"    model = AutoModelForCausalLM.from_pretrained('{path}')\n"
+                f"    tokenizer = AutoTokenizer.from_pretrained('{path}')\n"
+                f"vLLM:\n    vllm serve {path}\n")
+    if fmt == "mlx" and merged:
+        return f"mlx-lm:\n    mlx_lm.generate --model {path} --prompt 'Hello'\n    mlx_lm.server --model {path}\n"
+    if fmt == "mlx":
+        return f"mlx-lm:\n    mlx_lm.generate --model {base} --adapter-path {path} --prompt 'Hello'\n"
+    return (f"llama.cpp:\n    llama-cli -m {path / gguf_file} -cnv\n"
+            f"llama-cpp-python:\n    from llama_cpp import Llama\n    llm = Llama(model_path='{path / gguf_file}')\n"
+            f"Ollama:\n    echo 'FROM {path / gguf_file}' > Modelfile && ollama create my-model -f Modelfile\n")
+
+
+def _size_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6, 3)
+
+
+def _check_request(config: FineTuningConfig, manifest: dict[str, Any], run_id: str, stage: int, fmt: str,
+                   merge: bool, quantization: Optional[str]) -> str:
+    """Validate before anything is written; returns the quantization to use."""
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format '{fmt}'; use one of {', '.join(EXPORT_FORMATS)}")
+    key = f"stage{stage}"
+    if key not in manifest["stages"]:
+        raise RunError(f"run {run_id} has no stage {stage}; its stages: {sorted(manifest['stages'])}")
+    status = manifest["stages"][key]["status"]
+    if status != "completed":
+        raise RunError(f"stage {stage} of run {run_id} has not completed (status {status}); "
+                       "only a finished stage can be exported")
+    if fmt == "gguf":
+        if not merge:
+            raise ExportError("GGUF export needs the adapter merged into the model; use merge_adapters true, "
+                              "or export 'adapters' for the adapter alone")
+        arch = model_type(config.model_source())
+        gguf_export.check(arch, quantization or config.export.gguf_quantization)
+        return quantization or config.export.gguf_quantization
+    if fmt == "mlx":
+        chosen = quantization or config.export.mlx_quantization
+        if chosen not in QUANTIZATIONS["mlx"]:
+            raise ExportError(f"mlx quantization '{chosen}' is not supported; use one of none, q4, q8")
+        return chosen
+    if quantization not in (None, "none"):
+        raise ExportError(f"format {fmt} takes no quantization (got '{quantization}'); quantize with mlx or gguf")
+    return "none"
+
+
+def default_path(config: FineTuningConfig, run_id: str, stage: int, fmt: str, quantization: str) -> Path:
+    suffix = f"-{quantization}" if quantization != "none" else ""
+    return config.resolve(config.export.output_dir) / f"{run_id}-stage{stage}-{fmt}{suffix}"
+
+
+def _build(fmt: str, merge: bool, quantization: str, source: str, adapter: Path, target: Path,
+           generation: dict[str, Any], name: str) -> dict[str, Any]:
+    """Write the export's model files into the empty folder `target`."""
+    if fmt == "adapters":
+        shutil.copytree(adapter_as(adapter, "peft", source, target.parent / f"{target.name}.scratch"),
+                        target / "peft")
+        shutil.copytree(adapter_as(adapter, "mlx", source, target.parent / f"{target.name}.scratch"),
+                        target / "mlx")
+        return {"formats": ["peft", "mlx"]}
+    if fmt in ("safetensors", "huggingface"):
+        if not merge:
+            shutil.copytree(adapter_as(adapter, "peft", source, target.parent / f"{target.name}.scratch"), target,
+                            dirs_exist_ok=True)
+            return {"formats": ["peft"]}
+        return merge_hf(source, adapter, target, generation)
+    if fmt == "mlx":
+        if not merge:
+            shutil.copytree(adapter_as(adapter, "mlx", source, target.parent / f"{target.name}.scratch"), target,
+                            dirs_exist_ok=True)
+            return {"formats": ["mlx adapter"]}
+        return fuse_mlx(source, adapter, target, quantization)
+    merged = target.parent / f"{target.name}.merged"
+    merged.mkdir()
+    try:
+        facts = merge_hf(source, adapter, merged, generation)
+        file = f"{name}-{quantization}.gguf"
+        facts.update(gguf_export.convert(merged, target / file, quantization, name))
+        facts["gguf_file"] = file
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+    return facts
+
+
+def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, output: Optional[Path] = None,
+               merge: bool = True, quantization: Optional[str] = None, overwrite: bool = False,
+               upload: bool = False, repo_id: Optional[str] = None, dry_run: bool = False,
+               hub_api: Any = None) -> dict[str, Any]:
+    """Export stage `stage` of run `run_id` as `fmt`; returns the spec's export_model result."""
+    manager = RunManager(config)
+    run_dir = manager.run_dir(run_id)
+    with manager.lock(run_id):
+        manifest = manager.manifest(run_id)
+        run_config = manager.run_config(run_id)
+        chosen = _check_request(run_config, manifest, run_id, stage, fmt, merge, quantization)
+        if upload:
+            # uploading is the project's current choice, not the run's: read the live config
+            if not config.huggingface.enabled:
+                raise ExportError("uploading is off for this project (huggingface.enabled: false in the config); "
+                                  "enable it, or export without upload")
+            repo_id = hub.check_repo_id(repo_id or f"{config.huggingface.repo_prefix}/"
+                                        f"{run_config.project.name}-stage{stage}-{fmt}")
+            if not dry_run and hub_api is None and not hub.token():
+                raise hub.UploadError(f"uploading needs a Hugging Face token in {' or '.join(hub.TOKEN_VARIABLES)}")
+        target = (output if output is not None else default_path(config, run_id, stage, fmt, chosen)).resolve()
+        if target.exists() and not overwrite:
+            raise ExportError(f"export path {target} already exists; pass overwrite to replace it",
+                              details={"export_path": str(target)})
+        if target.exists() and not target.is_dir():
+            raise ExportError(f"export path {target} is a file; exports are folders")
+        source = run_config.model_source()
+        adapter = run_dir / f"stage{stage}" / "adapters"
+        name = f"{run_config.project.name}-stage{stage}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        building = target.parent / f"{TEMP_PREFIX}{target.name}-{os.getpid()}"
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir()
+        try:
+            facts = _build(fmt, merge, chosen, source, adapter, building, run_config.evaluation.generation.model_dump(),
+                           name)
+            how = usage(fmt, target, merge, source, facts.get("gguf_file"))
+            write_atomic(building / "README.md",
+                         model_card.render(manifest, run_dir, stage, fmt, merge or fmt == "gguf", how))
+            if target.exists():  # overwrite: the old export goes only once the new one is complete
+                retired = target.parent / f"{TEMP_PREFIX}{target.name}-old-{os.getpid()}"
+                target.rename(retired)
+                building.rename(target)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                building.rename(target)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+            for leftover in (".scratch", ".merged"):
+                shutil.rmtree(target.parent / f"{building.name}{leftover}", ignore_errors=True)
+        result: dict[str, Any] = {
+            "success": True, "export_path": str(target), "export_format": fmt, "stage": stage, "run_id": run_id,
+            "merged": merge or fmt == "gguf", "quantization": chosen, "model_size_mb": _size_mb(target),
+            "files": hub.files_of(target), "huggingface_url": None, "usage_instructions": how, "details": facts,
+        }
+        if upload:
+            uploaded = hub.upload(target, repo_id, config.huggingface.private_repos, dry_run, hub_api)
+            result["upload"] = uploaded
+            result["huggingface_url"] = None if dry_run else uploaded["url"]
+        record = {k: result[k] for k in ("export_format", "stage", "export_path", "merged", "quantization",
+                                         "model_size_mb", "huggingface_url")}
+        manager.update_manifest(run_id, lambda m: m.setdefault("exports", []).append({**record, "created_at": now()}))
+        return result

@@ -1,0 +1,237 @@
+"""Hugging Face model directory -> GGUF (llama.cpp, Ollama, LM Studio), with the `gguf` package.
+
+The conversion follows llama.cpp's convert_hf_to_gguf.py for the architectures listed in
+SUPPORTED: the same metadata keys, tensor names (gguf's own name map), the Q/K row
+permutation llama.cpp's LLAMA rope expects, llama-3 rope factors, and the tokenizer as a
+byte-level BPE vocabulary with its merges and chat template. Tensors are streamed: one is
+in memory at a time. Norms and other 1-D tensors stay float32, as llama.cpp requires.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from trainer.errors import ProjectError
+
+# Hugging Face model_type -> llama.cpp architecture (verified by loading in llama.cpp)
+SUPPORTED = {"llama": "llama", "mistral": "llama", "olmo2": "olmo2"}
+QUANTIZATIONS = ("f32", "f16", "q8_0")
+PERMUTED = {"llama"}  # HF's rotate-half q/k layout is permuted to llama.cpp's interleaved rope
+# cl100k's split regex, used by Llama 3 and OLMo 2 (llama.cpp: llama-bpe with ignore_merges, else dbrx)
+CL100K = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class GGUFError(ProjectError):
+    kind = "export_error"
+
+
+def unsupported(model_type: str) -> GGUFError:
+    return GGUFError(f"GGUF export does not support the '{model_type}' architecture; supported: "
+                     f"{', '.join(sorted(SUPPORTED))}. Export 'huggingface' or 'mlx' instead",
+                     details={"architecture": model_type, "supported": sorted(SUPPORTED)})
+
+
+def check(model_type: str, quantization: str = "f16") -> None:
+    if model_type not in SUPPORTED:
+        raise unsupported(model_type)
+    if quantization not in QUANTIZATIONS:
+        raise GGUFError(f"GGUF quantization '{quantization}' is not supported; use one of {', '.join(QUANTIZATIONS)}")
+
+
+def tokenizer_pre(model_dir: Path) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer (read from tokenizer.json)."""
+    data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    model, pre = data.get("model", {}), data.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise GGUFError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, OLMo 2 style); "
+                        f"{model_dir / 'tokenizer.json'} has a {model.get('type')} model"
+                        + (" with byte fallback (SentencePiece style)" if model.get("byte_fallback") else ""))
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds[:1] == ["Split"] and steps[0].get("pattern", {}).get("Regex") == CL100K:
+        return "llama-bpe" if model.get("ignore_merges") else "dbrx"
+    raise GGUFError(f"the tokenizer's pre-tokenizer ({kinds}) has no llama.cpp equivalent this exporter knows; "
+                    "known: GPT-2 byte-level, and the cl100k split of Llama 3 and OLMo 2")
+
+
+def _vocabulary(writer, model_dir: Path, vocab_size: int) -> None:
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reverse = {index: token for token, index in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in reverse:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            tokens.append(reverse[index])
+            special = added[index].special or (reverse[index].startswith("<|") and reverse[index].endswith("|>"))
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[index])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer_pre(model_dir))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    # merges, bos/eos/pad ids, add_bos and the chat template, read from the tokenizer files
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
+
+
+def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """(rope_theta, scaling) from either config layout (transformers 5 `rope_parameters`, or older keys)."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = dict(config.get("rope_scaling") or {})
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    merged = {**scaling, **params}
+    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+    return float(theta), {**merged, "rope_type": kind}
+
+
+def rope_factors(config: dict[str, Any], head_dim: int) -> np.ndarray:
+    """Llama 3's frequency factors (llama.cpp's rope_freqs tensor)."""
+    theta, rope = _rope(config)
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)):
+        wavelength = 2 * math.pi / freq
+        if wavelength < old / high:
+            factors.append(1.0)
+        elif wavelength > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _tensors(model_dir: Path) -> Iterator[tuple[str, tuple[int, ...], Any]]:
+    """(name, shape, loader) for every tensor of the model's safetensors files; nothing is read yet."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise GGUFError(f"no *.safetensors weights in {model_dir}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                shape = tuple(handle.get_slice(name).get_shape())
+                yield name, shape, (lambda f=file, n=name: _load(f, n))
+
+
+def _load(file: Path, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return handle.get_tensor(name).float().numpy()
+
+
+def convert(model_dir: Path, output: Path, quantization: str = "q8_0", name: str = "") -> dict[str, Any]:
+    """Write `model_dir` (a Hugging Face causal LM with tokenizer) as one GGUF file."""
+    import gguf
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    model_type = config.get("model_type", "?")
+    check(model_type, quantization)
+    arch = SUPPORTED[model_type]
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    theta, rope = _rope(config)
+    if rope["rope_type"] not in ("default", "linear", "llama3"):
+        raise GGUFError(f"rope scaling '{rope['rope_type']}' is not supported by this GGUF exporter")
+
+    writer = gguf.GGUFWriter(str(output), arch)
+    writer.add_name(name or model_dir.name)
+    writer.add_block_count(layers)
+    writer.add_context_length(config.get("max_position_embeddings", 4096))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
+    writer.add_rope_freq_base(theta)
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    if arch == "llama":
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_rope_dimension_count(head_dim)
+    if head_dim * heads != config["hidden_size"]:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quantization]
+    writer.add_file_type(file_type)
+    _vocabulary(writer, model_dir, config["vocab_size"])
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], layers)
+    plan = []  # (gguf name, shape, loader, heads to permute by) in file order
+    for hf_name, shape, loader in _tensors(model_dir):
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        target = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise GGUFError(f"tensor {hf_name} has no GGUF name for the {arch} architecture")
+        heads_of = None
+        if arch in PERMUTED and hf_name.endswith("q_proj.weight"):
+            heads_of = heads
+        elif arch in PERMUTED and hf_name.endswith("k_proj.weight"):
+            heads_of = kv_heads
+        plan.append((target, shape, loader, heads_of))
+    if rope["rope_type"] == "llama3":
+        factors = rope_factors(config, head_dim)
+        plan.append(("rope_freqs.weight", factors.shape, lambda: factors, None))
+
+    def kind(shape: tuple[int, ...]):
+        if len(shape) <= 1 or quantization == "f32":
+            return gguf.GGMLQuantizationType.F32
+        if quantization == "q8_0" and shape[-1] % 32 == 0:
+            return gguf.GGMLQuantizationType.Q8_0
+        return gguf.GGMLQuantizationType.F16  # rows that do not fill q8_0 blocks stay f16, as in llama.cpp
+
+    # The header first (shapes and types need no data), then one tensor at a time.
+    counts: dict[str, int] = {}
+    for target, shape, _loader, _heads in plan:
+        qtype = kind(shape)
+        if qtype == gguf.GGMLQuantizationType.Q8_0:
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+            writer.add_tensor_info(target, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=qtype)
+        else:
+            dtype = np.dtype(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+            writer.add_tensor_info(target, shape, dtype, math.prod(shape) * dtype.itemsize)
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _target, shape, loader, heads_of in plan:
+        data = loader()
+        if heads_of is not None:
+            data = permute(data, heads_of)
+        qtype = kind(shape)
+        if qtype == gguf.GGMLQuantizationType.Q8_0:
+            data = gguf.quants.quantize(data.astype(np.float32), qtype)
+        else:
+            data = data.astype(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+        writer.write_tensor_data(data)
+    writer.close()
+    return {"architecture": arch, "quantization": quantization, "tensors": len(plan), "tensor_types": counts,
+            "tokenizer_pre": tokenizer_pre(model_dir)}
+
