@@ -64,6 +64,14 @@ class EvaluateResult(BaseModel):
     samples_file: str = Field(description="generations next to references (model text: untrusted)")
 
 
+class EmissionsReport(BaseModel):
+    scope: str = Field(description="'run' or 'all runs'")
+    report: dict[str, Any] = Field(
+        description="a run: status, total_kg, energy_kwh (cpu/gpu/ram), duration, emissions_per_hour_kg, stages, "
+                    "alerts, equivalencies (with sources), recommendations, offset_cost_usd; all runs: totals, "
+                    "average_per_run_kg, top_emitting_runs, by_run")
+
+
 class ExportResult(BaseModel):
     success: bool
     export_path: str
@@ -110,6 +118,8 @@ class MonitorResult(BaseModel):
     metrics: Metrics
     carbon_emissions_kg: Optional[float] = Field(
         default=None, description="CodeCarbon emissions so far, when asked for and recorded")
+    emissions_alerts: Optional[list[dict[str, Any]]] = Field(
+        default=None, description="the config's carbon alert thresholds that were exceeded (with include_emissions)")
     eta_seconds: Optional[float] = None
     estimated_completion_time: Optional[str] = Field(description="ISO 8601, UTC")
     error: Optional[str] = None

@@ -23,6 +23,7 @@ from mcp_wrapper.files import lock_held, read_json, tail_lines, untrusted
 from mcp_wrapper.models import (
     CancelResult,
     ConfigureResult,
+    EmissionsReport,
     EvaluateResult,
     ExportResult,
     GenerateResult,
@@ -221,6 +222,16 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
         return await call(tools.export, project_path, run_id, stage, export_format, export_path, merge_adapters,
                           quantization, overwrite, upload_to_huggingface, hf_repo_id, dry_run,
                           await client_roots(ctx))
+
+    @server.tool()
+    async def get_emissions_report(
+        project_path: str,
+        run_id: Annotated[Optional[str], Field(description="one run; leave out for every run of the project")] = None,
+        ctx: Context = None,
+    ) -> EmissionsReport:
+        """Carbon emissions (CodeCarbon): one run per stage with totals, equivalencies, recommendations, offset
+        cost and alerts, or the aggregate over all runs."""
+        return await call(tools.emissions_report, project_path, run_id, await client_roots(ctx))
 
     @server.tool()
     async def list_runs(project_path: str, ctx: Context = None) -> RunList:

@@ -28,6 +28,7 @@ from mcp_wrapper.files import last_metrics, lock_held, read_json, tail_lines, un
 from mcp_wrapper.models import (
     CancelResult,
     ConfigureResult,
+    EmissionsReport,
     EvaluateResult,
     ExportResult,
     GenerateResult,
@@ -286,6 +287,16 @@ class Tools:
         result = self.script(project, "export.py", *args, timeout=EXPORT_TIMEOUT)
         return ExportResult(**{k: result.get(k) for k in ExportResult.model_fields})
 
+    def emissions_report(self, project_value: str, run_id: Optional[str],
+                         client_roots: Optional[list[Path]]) -> EmissionsReport:
+        project = self.project(project_value, client_roots)
+        args = []
+        if run_id:
+            self.run_dir(project, run_id)
+            args = ["--run-id", run_id]
+        result = self.script(project, "emissions_report.py", *args)
+        return EmissionsReport(scope="run" if run_id else "all runs", report=result)
+
     def _argv(self, project: Path, run_id: str, stage: Optional[int], resume: bool) -> list[str]:
         argv = [self.settings.project_python(project), str(project / "scripts" / "train.py"), "--json",
                 "--run-id", run_id]
@@ -367,16 +378,19 @@ class Tools:
                      "resume=true continues from its last checkpoint")
         latest = last_metrics(run_dir / "metrics.jsonl")
         eta = status.get("eta_seconds") if state == "running" else None
-        emissions = None
-        if include_emissions:
+        emissions, alerts = None, None
+        if include_emissions:  # status.json has the live figure (flushed at each evaluation), the manifest the final
             manifest = read_json(run_dir / "run-manifest.json")
-            emissions = (manifest.get("emissions") or {}).get("total_kg")
+            final = manifest.get("emissions") or {}
+            emissions = status.get("emissions_kg") if state == "running" else final.get("total_kg")
+            emissions = emissions if emissions is not None else final.get("total_kg")
+            alerts = status.get("emissions_alerts") or final.get("alerts") or []
         return MonitorResult(
             run_id=run_id, status=state, process_alive=alive, current_stage=status.get("stage"),
             current_iteration=status.get("iteration"), total_iterations=status.get("total_iterations"),
             progress_percentage=status.get("progress"),
             metrics=Metrics(**{k: latest.get(k) for k in Metrics.model_fields}),
-            carbon_emissions_kg=emissions, eta_seconds=eta,
+            carbon_emissions_kg=emissions, emissions_alerts=alerts, eta_seconds=eta,
             estimated_completion_time=(_now() + timedelta(seconds=eta)).isoformat(timespec="seconds") if eta else None,
             error=error,
             log_tail=untrusted("\n".join(tail_lines(run_dir / "train.log", 20))) if include_log else None,

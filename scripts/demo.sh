@@ -3,8 +3,8 @@
 # generate a two-stage project, install it, build its tiny OLMo-2 model (both engines load
 # it), prepare the sample data (lengths measured with that model's tokenizer), train both
 # stages with each backend, evaluate, export (adapters, merged, fused mlx q4, GGUF q8_0,
-# with the GGUF loaded in llama.cpp when llama-cpp-python is installed), show the runs, and
-# run the project's own tests.
+# with the GGUF loaded in llama.cpp when llama-cpp-python is installed), report the
+# emissions CodeCarbon measured for each stage, show the runs, and run the project's own tests.
 #
 #   bash scripts/demo.sh [DEST]     (default DEST: ./demo-project; must not exist)
 set -euo pipefail
@@ -24,7 +24,7 @@ ls
 
 step "install it (torch is pinned to the CPU build first where that build is on disk)"
 python -m pip install -q torch==2.13.0 2>/dev/null || true
-python -m pip install -q -e '.[mlx,transformers,evaluation,gguf,dev]'
+python -m pip install -q -e '.[mlx,transformers,evaluation,gguf,carbon,dashboard,dev]'
 
 step "build the tiny model and check that transformers and mlx-lm load it"
 python scripts/make_tiny_model.py
@@ -64,10 +64,13 @@ try:
 except ImportError:
     print("llama-cpp-python is not installed; skipping the GGUF load (pip install llama-cpp-python)")
 else:
-    llm = Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)
+    llm = Llama(model_path=sys.argv[1], n_ctx=256, logits_all=True, verbose=False)
     llm.eval(ids)
     print("llama.cpp, GGUF q8_0 export, next token:", repr(tokenizer.decode(int(llm.scores[len(ids) - 1].argmax()))))
 PY
+
+step "carbon: the mlx run's emissions per stage (CodeCarbon, offline, this process only)"
+python scripts/emissions_report.py --run-id "$run"
 
 step "the runs"
 python scripts/status.py

@@ -104,7 +104,8 @@ def test_every_format_loads_and_agrees_with_the_trained_model(project, runs, bac
 
     adapters = export(project, run_id, 2, "adapters")
     folder = Path(adapters["export_path"])
-    assert folder == project / "exports" / f"{run_id}-stage2-adapters"
+    assert folder == project / "exports" / f"{run_id}-stage2-adapters" and not adapters["merged"]
+    assert "The LoRA adapter only" in (folder / "README.md").read_text()
     np.testing.assert_allclose(hf_logits(base, ids, folder / "peft"), reference, atol=SAME)
     np.testing.assert_allclose(mlx_logits(base, ids, folder / "mlx"), reference, atol=SAME)
 
@@ -257,3 +258,62 @@ def test_an_unsupported_architecture_is_refused_at_configure_and_at_export(tmp_p
     code, out = script(project, "export.py", "--run-id", run_id_of(out), "--stage", "1", "--format", "gguf")
     assert code == 1 and "supported: llama, mistral, olmo2" in out["error"]["message"]
     assert not (project / "exports").exists()
+
+
+@pytest.mark.slow
+def test_gguf_with_a_sentencepiece_tokenizer(tmp_path):
+    """Mistral and Llama 2 ship a SentencePiece tokenizer.model: a tiny mistral with one
+    (trained here, with byte fallback and chat markers) converts with its scores, and
+    llama.cpp tokenizes and predicts as transformers does."""
+    import io
+
+    import sentencepiece
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    corpus = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
+              "What is 2 plus 3? 5. You are a helpful assistant."] * 40
+    model_file = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model_file, vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        split_digits=True, minloglevel=2)
+    model_dir = tmp_path / "tiny-mistral-spm"
+    model_dir.mkdir()
+    (model_dir / "tokenizer.model").write_bytes(model_file.getvalue())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": True, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = _project_module("tiny_model").CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    config = AutoConfig.for_model("mistral", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+
+    gguf_export = _project_module("gguf_export")
+    details = gguf_export.convert(model_dir, tmp_path / "m.gguf", "f16")
+    assert details["tokenizer_pre"] == "default" and details["architecture"] == "llama"
+    text = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(PROMPT, add_generation_prompt=True,
+                                                                        tokenize=False)
+    ids = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"]
+    logits, tokens = gguf_logits(tmp_path / "m.gguf", ids, text)
+    assert tokens == ids
+    reference = hf_logits(model_dir, ids)
+    assert np.abs(logits - reference).max() < GGUF["f16"] and logits[-1].argmax() == reference[-1].argmax()
+
+
+def _project_module(name: str):
+    """A module of the template's trainer package, imported from the template source."""
+    import importlib
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "template"))
+    try:
+        return importlib.import_module(f"trainer.{name}")
+    finally:
+        sys.path.remove(str(REPO / "template"))

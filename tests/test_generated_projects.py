@@ -21,15 +21,17 @@ SOURCES = {
     ".copier-answers.yml", ".env.example", ".gitignore", "README.md", "pyproject.toml", "requirements.txt",
     "config/fine_tuning_config.yaml",
     "trainer/__init__.py", "trainer/adapters.py", "trainer/base_trainer.py", "trainer/cli.py", "trainer/config.py",
-    "trainer/dataset_preparator.py", "trainer/errors.py", "trainer/evaluation.py", "trainer/export.py",
+    "trainer/dataset_preparator.py", "trainer/emissions.py", "trainer/errors.py", "trainer/evaluation.py",
+    "trainer/export.py",
     "trainer/export_engines.py", "trainer/files.py", "trainer/gguf_export.py", "trainer/hub.py",
-    "trainer/mlx_trainer.py", "trainer/model_card.py",
+    "trainer/mlx_trainer.py", "trainer/model_card.py", "trainer/monitor_api.py", "trainer/tracking.py",
     "trainer/pipeline.py", "trainer/tiny_model.py", "trainer/training_data.py", "trainer/training_run_manager.py",
     "trainer/transformers_trainer.py", "trainer/weighting.py",
-    "scripts/configure_run.py", "scripts/evaluate.py", "scripts/export.py", "scripts/make_tiny_model.py",
+    "scripts/configure_run.py", "scripts/emissions_dashboard.py", "scripts/emissions_report.py",
+    "scripts/evaluate.py", "scripts/export.py", "scripts/make_tiny_model.py", "scripts/monitor_training.py",
     "scripts/prepare_dataset.py", "scripts/status.py", "scripts/train.py",
     "tests/conftest.py", "tests/test_config.py", "tests/test_dataset.py", "tests/test_evaluation.py",
-    "tests/test_export.py",
+    "tests/test_emissions.py", "tests/test_export.py",
     "tests/test_tiny_model.py", "tests/test_trainer.py",
     "data/processed/.gitkeep", "data/quality_reports/.gitkeep", "runs/.gitkeep", "logs/.gitkeep",
     "emissions/.gitkeep",
@@ -153,6 +155,7 @@ def test_dependencies_follow_the_answers(generated):
     assert ("mlflow" in extras) == a["enable_mlflow"] and ("wandb" in extras) == a["enable_wandb"]
     assert ("hf" in extras) == a["enable_huggingface_upload"]
     assert ("gguf" in extras) == ("gguf" in a["export_formats"])
+    assert any(d.startswith("streamlit") for d in extras["dashboard"])  # every project offers the dashboard
     assert any(d.startswith("pyarrow") for d in meta["dependencies"]) == (a["dataset_format"] == "parquet")
     if use_mlx:
         assert 'mlx[cpu]>=0.26; sys_platform == "linux"' in extras["mlx"]

@@ -77,7 +77,7 @@ def test_start_in_the_background_and_monitor_to_completion(env):
     assert final["metrics"]["val_loss"] > 0 and final["current_stage"] == 2
     with_log = monitor(env, run_id, include_log=True, include_emissions=True)
     assert with_log["log_tail"].startswith("<<<untrusted-text\n") and "stage 2" in with_log["log_tail"]
-    assert with_log["carbon_emissions_kg"] is None  # carbon tracking arrives with its own issue
+    assert with_log["carbon_emissions_kg"] > 0 and with_log["emissions_alerts"] == []  # CodeCarbon, per stage
     runs = {r["run_id"]: r for r in mcp_ok(env["server"], "list_runs", {"project_path": env["project"]})["runs"]}
     assert runs[run_id]["status"] == "completed"
 

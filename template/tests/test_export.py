@@ -76,6 +76,14 @@ def test_tokenizer_pre_tokenizers_map_to_llama_cpp(tmp_path: Path, pre, model, e
     assert gguf_export.tokenizer_pre(tmp_path) == expected
 
 
+def test_sentencepiece_models_are_recognised(tmp_path: Path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "byte_fallback": True}}))
+    with pytest.raises(gguf_export.GGUFError, match="no tokenizer.model"):
+        gguf_export.tokenizer_pre(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"spm")
+    assert gguf_export.tokenizer_pre(tmp_path) == "default"
+
+
 def test_unknown_tokenizers_are_refused(tmp_path: Path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": {"type": "Whitespace"},
                                                          "model": {"type": "BPE"}}))
@@ -167,3 +175,6 @@ def test_a_planned_gguf_export_is_checked_at_configure_time(config, tmp_path: Pa
     (model / "config.json").write_text(json.dumps({"model_type": "olmo2"}))
     config.export.formats = ["gguf"]
     check_planned(config)
+    (model / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}}))
+    with pytest.raises(ExportError, match="tokenizer cannot be exported"):  # known before training, too
+        check_planned(config)

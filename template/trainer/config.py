@@ -217,7 +217,20 @@ class CarbonSection(Section):
     tracking_mode: Literal["process", "machine"] = "process"
     measure_power_secs: float = Field(default=15, gt=0)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "warning"
+    # Offsets: voluntary-market prices run from a few dollars (avoidance) to hundreds (removal) a tonne
+    offset_price_usd_per_tonne: float = Field(default=15.0, ge=0)
+    # 'package.module:function' called as function(config, run_id, stage), returning a tracker with
+    # CodeCarbon's start/stop/flush/final_emissions_data; empty: CodeCarbon's own
+    tracker_factory: Optional[str] = None
     alerts: CarbonAlerts = CarbonAlerts()
+
+    @field_validator("tracker_factory", mode="before")
+    @classmethod
+    def _importable_name(cls, value: Any) -> Any:
+        value = _optional_name(value)
+        if value is not None and (":" not in str(value) or not all(str(value).partition(":")[::2])):
+            raise ValueError(f"tracker_factory must look like 'package.module:function', got {value!r}")
+        return value
 
 
 class MlflowSection(Section):

@@ -21,6 +21,7 @@ from trainer.base_trainer import Backend
 from trainer.config import FineTuningConfig
 from trainer.errors import ProjectError
 from trainer.files import sha256_file, write_atomic, write_json
+from trainer.tracking import log_evaluation
 from trainer.training_data import eval_batches, messages_of, read_records, tokenize
 from trainer.training_run_manager import RunError, RunManager, now
 
@@ -152,6 +153,9 @@ def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: O
         write_json(folder / "results.json", result)
         write_atomic(folder / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         summary = {k: metrics[k] for k in ("perplexity", "accuracy", "bleu", "chrf") if k in metrics}
+        tracking_error = log_evaluation(config, manifest, stage, summary, folder / "results.json")
+        if tracking_error:
+            result["tracking_error"] = tracking_error
         manager.update_manifest(run_id, lambda m: (
             m.__setitem__("evaluation", {**(m.get("evaluation") or {}), key: {
                 **summary, "passed": result["thresholds"]["passed"], "results_file": f"{key}/evaluation/results.json",

@@ -48,6 +48,13 @@ def check_planned(config: FineTuningConfig) -> None:
                 f"architecture (supported: {', '.join(sorted(gguf_export.SUPPORTED))}); remove gguf from "
                 "export.formats or choose another base model", details={"architecture": arch,
                                                                         "supported": sorted(gguf_export.SUPPORTED)})
+        source = Path(config.model_source())
+        if (source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file():
+            try:
+                gguf_export.tokenizer_pre(source)
+            except gguf_export.GGUFError as error:
+                raise ExportError(f"export.formats includes gguf, and the base model's tokenizer cannot be "
+                                  f"exported: {error}; remove gguf from export.formats") from None
 
 
 def usage(fmt: str, path: Path, merged: bool, base: str, gguf_file: Optional[str] = None) -> str:
@@ -171,6 +178,7 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
         source = run_config.model_source()
         adapter = run_dir / f"stage{stage}" / "adapters"
         name = f"{run_config.project.name}-stage{stage}"
+        merged = fmt == "gguf" or (merge and fmt != "adapters")  # adapters are never merged
         target.parent.mkdir(parents=True, exist_ok=True)
         building = target.parent / f"{TEMP_PREFIX}{target.name}-{os.getpid()}"
         shutil.rmtree(building, ignore_errors=True)
@@ -178,9 +186,8 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
         try:
             facts = _build(fmt, merge, chosen, source, adapter, building, run_config.evaluation.generation.model_dump(),
                            name)
-            how = usage(fmt, target, merge, source, facts.get("gguf_file"))
-            write_atomic(building / "README.md",
-                         model_card.render(manifest, run_dir, stage, fmt, merge or fmt == "gguf", how))
+            how = usage(fmt, target, merged, source, facts.get("gguf_file"))
+            write_atomic(building / "README.md", model_card.render(manifest, run_dir, stage, fmt, merged, how))
             if target.exists():  # overwrite: the old export goes only once the new one is complete
                 retired = target.parent / f"{TEMP_PREFIX}{target.name}-old-{os.getpid()}"
                 target.rename(retired)
@@ -194,7 +201,7 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
                 shutil.rmtree(target.parent / f"{building.name}{leftover}", ignore_errors=True)
         result: dict[str, Any] = {
             "success": True, "export_path": str(target), "export_format": fmt, "stage": stage, "run_id": run_id,
-            "merged": merge or fmt == "gguf", "quantization": chosen, "model_size_mb": _size_mb(target),
+            "merged": merged, "quantization": chosen, "model_size_mb": _size_mb(target),
             "files": hub.files_of(target), "huggingface_url": None, "usage_instructions": how, "details": facts,
         }
         if upload:

@@ -3,7 +3,10 @@
 The conversion follows llama.cpp's convert_hf_to_gguf.py for the architectures listed in
 SUPPORTED: the same metadata keys, tensor names (gguf's own name map), the Q/K row
 permutation llama.cpp's LLAMA rope expects, llama-3 rope factors, and the tokenizer as a
-byte-level BPE vocabulary with its merges and chat template. Tensors are streamed: one is
+byte-level BPE vocabulary with its merges and chat template, or a SentencePiece vocabulary
+(tokenizer.model, as Mistral and Llama 2 ship) with its scores. llama.cpp tokenizes
+SentencePiece text the way sentencepiece does (a space prefix after special tokens too),
+which is the Hugging Face tokenizers' `legacy` behaviour. Tensors are streamed: one is
 in memory at a time. Norms and other 1-D tensors stay float32, as llama.cpp requires.
 """
 
@@ -45,13 +48,17 @@ def check(model_type: str, quantization: str = "f16") -> None:
 
 
 def tokenizer_pre(model_dir: Path) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer (read from tokenizer.json)."""
+    """llama.cpp's name for the tokenizer's pre-tokenizer; "default" for a SentencePiece model
+    (tokenizer.model, as Mistral and Llama 2 ship)."""
+    if (model_dir / "tokenizer.model").is_file():
+        return "default"
     data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model, pre = data.get("model", {}), data.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise GGUFError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, OLMo 2 style); "
-                        f"{model_dir / 'tokenizer.json'} has a {model.get('type')} model"
-                        + (" with byte fallback (SentencePiece style)" if model.get("byte_fallback") else ""))
+        raise GGUFError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, OLMo 2 style) and "
+                        f"SentencePiece models (tokenizer.model); {model_dir / 'tokenizer.json'} has a "
+                        f"{model.get('type')} model" + (" with byte fallback, and there is no tokenizer.model"
+                                                       if model.get("byte_fallback") else ""))
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
@@ -59,13 +66,77 @@ def tokenizer_pre(model_dir: Path) -> str:
     if kinds[:1] == ["Split"] and steps[0].get("pattern", {}).get("Regex") == CL100K:
         return "llama-bpe" if model.get("ignore_merges") else "dbrx"
     raise GGUFError(f"the tokenizer's pre-tokenizer ({kinds}) has no llama.cpp equivalent this exporter knows; "
-                    "known: GPT-2 byte-level, and the cl100k split of Llama 3 and OLMo 2")
+                    "known: GPT-2 byte-level, the cl100k split of Llama 3 and OLMo 2, and SentencePiece")
+
+
+def _added_tokens(model_dir: Path) -> dict[int, tuple[str, bool]]:
+    """id -> (text, special) of the tokenizer's added tokens (tokenizer.json)."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {entry["id"]: (entry["content"], bool(entry.get("special"))) for entry in data.get("added_tokens", [])}
+
+
+def _special(text: str, flagged: bool) -> bool:
+    return flagged or (text.startswith("<|") and text.endswith("|>"))
+
+
+def _sentencepiece_vocabulary(writer, model_dir: Path, vocab_size: int) -> None:
+    """llama.cpp's "llama" vocabulary: pieces, scores and types from the SentencePiece model,
+    then the tokenizer's added tokens (chat markers), as convert_hf_to_gguf.py writes it."""
+    import gguf
+
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError as error:
+        raise GGUFError("this tokenizer is a SentencePiece model: pip install sentencepiece") from error
+    processor = SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    tokens, scores, types = [], [], []
+    for index in range(processor.vocab_size()):
+        kind = gguf.TokenType.NORMAL
+        if processor.IsUnknown(index):
+            kind = gguf.TokenType.UNKNOWN
+        elif processor.IsControl(index):
+            kind = gguf.TokenType.CONTROL
+        elif processor.IsUnused(index):
+            kind = gguf.TokenType.UNUSED
+        elif processor.IsByte(index):
+            kind = gguf.TokenType.BYTE
+        tokens.append(processor.IdToPiece(index))
+        scores.append(processor.GetScore(index))
+        types.append(kind)
+    for index, (text, flagged) in sorted(_added_tokens(model_dir).items()):
+        if index < len(tokens):
+            if _special(text, flagged):
+                types[index] = gguf.TokenType.CONTROL
+            continue
+        while len(tokens) < index:
+            tokens.append(f"[PAD{len(tokens)}]")
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        tokens.append(text)
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.CONTROL if _special(text, flagged) else gguf.TokenType.USER_DEFINED)
+    while len(tokens) < vocab_size:
+        tokens.append(f"[PAD{len(tokens)}]")
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
 def _vocabulary(writer, model_dir: Path, vocab_size: int) -> None:
     import gguf
     from transformers import AutoTokenizer
 
+    if (model_dir / "tokenizer.model").is_file():
+        return _sentencepiece_vocabulary(writer, model_dir, vocab_size)
+    pre = tokenizer_pre(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reverse = {index: token for token, index in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
@@ -76,13 +147,13 @@ def _vocabulary(writer, model_dir: Path, vocab_size: int) -> None:
             types.append(gguf.TokenType.UNUSED)
         elif index in added:
             tokens.append(reverse[index])
-            special = added[index].special or (reverse[index].startswith("<|") and reverse[index].endswith("|>"))
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+            types.append(gguf.TokenType.CONTROL if _special(reverse[index], added[index].special)
+                         else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(reverse[index])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(tokenizer_pre(model_dir))
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # merges, bos/eos/pad ids, add_bos and the chat template, read from the tokenizer files
@@ -233,5 +304,19 @@ def convert(model_dir: Path, output: Path, quantization: str = "q8_0", name: str
         writer.write_tensor_data(data)
     writer.close()
     return {"architecture": arch, "quantization": quantization, "tensors": len(plan), "tensor_types": counts,
-            "tokenizer_pre": tokenizer_pre(model_dir)}
+            "tokenizer_pre": tokenizer_pre(model_dir), "warnings": _spacing_warnings(model_dir)}
+
+
+def _spacing_warnings(model_dir: Path) -> list[str]:
+    """A SentencePiece tokenizer with legacy=False spacing tokenizes text after special tokens
+    differently from llama.cpp; say so rather than let a user find out."""
+    path = model_dir / "tokenizer.json"
+    if not (model_dir / "tokenizer.model").is_file() or not path.is_file():
+        return []
+    pre = json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if any(step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first" for step in steps):
+        return ["the tokenizer adds a space prefix only at the start of a text (legacy=False); llama.cpp also adds "
+                "one after special tokens, so prompts with chat markers may tokenize slightly differently"]
+    return []
 

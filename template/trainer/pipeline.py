@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer import emissions
 from trainer.base_trainer import (
     Backend,
     Cancelled,
@@ -28,7 +29,9 @@ from trainer.base_trainer import (
     train_stage,
 )
 from trainer.config import FineTuningConfig
+from trainer.emissions import StageEmissions
 from trainer.files import write_json
+from trainer.tracking import Tracking, flatten
 from trainer.training_data import Sampler, quality_weights, read_records, tokenize
 from trainer.training_run_manager import RunError, RunManager, now
 from trainer.weighting import summary as weighting_summary
@@ -89,13 +92,16 @@ class RunRecorder(TrainingCallback):
         self.path = manager.run_dir(run_id) / "metrics.jsonl"
         self.last: dict[str, Any] = {}
 
-    def _write(self, info: dict[str, Any]) -> None:
+    def append(self, info: dict[str, Any]) -> None:
         line = (json.dumps(info) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)  # one write per line: readers never see half a line
         finally:
             os.close(fd)
+
+    def _write(self, info: dict[str, Any]) -> None:
+        self.append(info)
         self.last.update({k: v for k, v in info.items() if v is not None})
         done = self.offset + info["iteration"]
         self.manager.write_status(self.run_id, stage=info["stage"], iteration=info["iteration"],
@@ -128,6 +134,22 @@ class Progress(TrainingCallback):
     def on_val_loss_report(self, info: dict[str, Any]) -> None:
         if not self.quiet:
             log.info("stage %s iteration %s: validation loss %.4f", self.stage, info["iteration"], info["val_loss"])
+
+
+class EmissionsProbe(TrainingCallback):
+    """At each validation report: the emissions so far into status.json (and the stage's CSV),
+    with the config's alert thresholds checked."""
+
+    def __init__(self, manager: RunManager, run_id: str, tracker: StageEmissions, earlier_kg: float):
+        self.manager, self.run_id, self.tracker, self.earlier_kg = manager, run_id, tracker, earlier_kg
+
+    def on_val_loss_report(self, info: dict[str, Any]) -> None:
+        so_far = self.tracker.flush()
+        if so_far is not None:
+            total = self.earlier_kg + so_far
+            hours = max(info.get("elapsed") or 0, 1e-9) / 3600
+            self.manager.write_status(self.run_id, emissions_kg=total, emissions_alerts=emissions.alerts_of(
+                total, so_far / hours, self.tracker.config))
 
 
 def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None, resume: bool = False,
@@ -209,24 +231,38 @@ def _train(manager: RunManager, run_id: str, stages: list[int], backend: tuple[s
                          error=None, finished_at=None, total_iterations_all_stages=sum(totals.values()))
     results = {}
     offset = 0
-    for number in stages:
-        key = f"stage{number}"
-        if manager.manifest(run_id)["stages"][key]["status"] == "completed" and (resume or not only):
-            log.info("stage %s already completed; skipping", number)
+    tracking = Tracking(config, run_dir, run_id, manager.manifest(run_id).get("tracking"))
+    tracking.start(flatten(config.to_yaml_dict()) | {"backend": backend_name, "run_id": run_id})
+    manager.update_manifest(run_id, lambda m: m.__setitem__("tracking", tracking.state))
+    ending = "failed"
+    try:
+        for number in stages:
+            key = f"stage{number}"
+            if manager.manifest(run_id)["stages"][key]["status"] == "completed" and (resume or not only):
+                log.info("stage %s already completed; skipping", number)
+                offset += totals[number]
+                continue
+            tracking.begin_stage(offset)
+            results[key] = _train_stage(manager, run_id, config, number, backend_name, resume, quiet, stop,
+                                        RunRecorder(manager, run_id, offset, sum(totals.values())), tracking)
             offset += totals[number]
-            continue
-        results[key] = _train_stage(manager, run_id, config, number, backend_name, resume, quiet, stop,
-                                    RunRecorder(manager, run_id, offset, sum(totals.values())))
-        offset += totals[number]
+        ending = "completed"
+    except Cancelled:
+        ending = "cancelled"
+        raise
+    finally:
+        state = tracking.finish(ending)
+        manager.update_manifest(run_id, lambda m: m.__setitem__("tracking", state))
     final = manager.manifest(run_id)
     status = "completed" if all(s["status"] == "completed" for s in final["stages"].values()) else "not_started"
     manager.write_status(run_id, status=status, finished_at=now(), progress=100.0 if status == "completed" else None)
     return {"run_id": run_id, "status": status, "backend": backend_name, "stages": results,
+            "emissions": final.get("emissions"), "tracking": final.get("tracking"),
             "manifest_path": str(run_dir / "run-manifest.json")}
 
 
 def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, number: int, backend_name: str,
-                 resume: bool, quiet: bool, stop, recorder: RunRecorder) -> dict[str, Any]:
+                 resume: bool, quiet: bool, stop, recorder: RunRecorder, tracking: Tracking) -> dict[str, Any]:
     run_dir = manager.run_dir(run_id)
     key = f"stage{number}"
     entry = manager.manifest(run_id)["stages"][key]
@@ -306,11 +342,47 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
         log_steps=training.log_steps, eval_steps=training.eval_steps, save_steps=training.save_steps,
         val_batches=training.val_batches, checkpoint_dir=run_dir / key / "checkpoints",
         adapter_dir=run_dir / key / "adapters", start_iteration=start, stop_requested=stop,
-        callbacks=[recorder, Progress(number, quiet)],
+        callbacks=[recorder, Progress(number, quiet), tracking],
     )
     log.info("stage %s: %s backend, %s trainable parameters, %s rows (+%s replay), from iteration %s",
              number, backend_name, trainable, len(train) - replay_rows, replay_rows, start)
-    result = train_stage(backend, plan).as_dict()
+    tracker = StageEmissions(config, run_id, number)
+    earlier = sum(s.get("emissions", {}).get("emissions_kg", 0) or 0
+                  for k, s in manager.manifest(run_id)["stages"].items() if k != key)
+    plan.callbacks.append(EmissionsProbe(manager, run_id, tracker, earlier))
+    tracker.start()
+    try:
+        result = train_stage(backend, plan).as_dict()
+    finally:  # a failed or cancelled stage still records what it emitted
+        measured = _record_emissions(manager, run_id, config, number, tracker.stop(), recorder, tracking)
+    result["emissions"] = measured
     manager.update_manifest(run_id, lambda m: m["stages"][key].update(
         status="completed", completed_at=now(), metrics=result, adapter_format=backend_name))
     return result
+
+
+def _record_emissions(manager: RunManager, run_id: str, config: FineTuningConfig, number: int,
+                      record: dict[str, Any], recorder: RunRecorder, tracking: Tracking) -> dict[str, Any]:
+    """A stage's emissions into the manifest (stage entry and run totals), metrics.jsonl, status and trackers."""
+    key = f"stage{number}"
+    if record.get("status") == "measured" and manager.manifest(run_id)["stages"][key].get("emissions", {}).get(
+            "status") == "measured" and config.carbon_tracking.enabled:
+        record = emissions.read_csv(emissions.csv_path(config, run_id, number))  # resumed: every session counts
+
+    def store(manifest: dict[str, Any]) -> None:
+        manifest["stages"][key]["emissions"] = record
+        measured = {k: s["emissions"] for k, s in manifest["stages"].items() if "emissions" in s}
+        manifest["emissions"] = emissions.totals(measured, config)
+
+    manifest = manager.update_manifest(run_id, store)
+    run_totals = manifest["emissions"]
+    manager.write_status(run_id, emissions_kg=run_totals["total_kg"], emissions_alerts=run_totals["alerts"])
+    if record.get("status") == "measured":
+        recorder.append({"type": "emissions", "stage": number, "iteration": recorder.last.get("iteration"),
+                         **{k: record[k] for k in ("emissions_kg", "energy_kwh", "cpu_energy_kwh", "gpu_energy_kwh",
+                                                   "ram_energy_kwh", "duration_seconds",
+                                                   "carbon_intensity_g_per_kwh")}})
+        log.info("stage %s: %.6f kg CO2eq, %.6f kWh in %.0f s", number, record["emissions_kg"],
+                 record["energy_kwh"], record["duration_seconds"])
+    tracking.stage_emissions(number, record)
+    return record
