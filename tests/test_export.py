@@ -312,8 +312,14 @@ def _project_module(name: str):
 
     from conftest import REPO
 
+    def forget() -> None:
+        for module in [m for m in sys.modules if m == "trainer" or m.startswith("trainer.")]:
+            del sys.modules[module]
+
+    forget()  # a `trainer` of some generated project may be loaded (Streamlit's AppTest runs in-process)
     sys.path.insert(0, str(REPO / "template"))
     try:
         return importlib.import_module(f"trainer.{name}")
-    finally:
+    finally:  # leave no `trainer` package behind for in-process tests of generated projects
         sys.path.remove(str(REPO / "template"))
+        forget()

@@ -15,10 +15,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
 
 from trainer import emissions  # noqa: E402
-from trainer.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from trainer.config import load_config  # noqa: E402
 from trainer.training_run_manager import RunManager  # noqa: E402
 
 
@@ -37,7 +38,8 @@ def metrics_frame(path: Path, run_id: str) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    # This script's project, not the imported package's: Streamlit may have imported `trainer` for another page.
+    parser.add_argument("--config", default=str(PROJECT / "config" / "fine_tuning_config.yaml"))
     args, _ = parser.parse_known_args()
     config = load_config(args.config)
     manager = RunManager(config)

@@ -179,3 +179,24 @@ def test_the_monitoring_api_without_runs(config):
     missing = client.get("/emissions/nope-1/summary")
     assert missing.status_code == 404 and "unknown run id 'nope-1'" in missing.json()["detail"]
     assert client.get("/runs/nope-1/status").status_code == 404
+
+
+def test_machine_mode_yields_to_process_mode_while_another_run_trains(config, project):
+    import fcntl
+    import os
+
+    config.carbon_tracking.tracking_mode = "machine"
+    assert emissions.tracking_mode(config, "mine") == ("machine", None)
+    other = project / "runs" / "other-1"
+    other.mkdir(parents=True)
+    (other / "run-manifest.json").write_text("{}")
+    (other / "status.json").write_text('{"status": "running"}')
+    fd = os.open(other / ".lock", os.O_RDWR | os.O_CREAT)
+    try:  # a live process (this one, from a different descriptor) holds the other run's lock
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        mode, why = emissions.tracking_mode(config, "mine")
+        assert mode == "process" and "other-1" in why
+    finally:
+        os.close(fd)
+    config.carbon_tracking.tracking_mode = "process"
+    assert emissions.tracking_mode(config, "mine") == ("process", None)

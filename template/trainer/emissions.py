@@ -31,13 +31,31 @@ def csv_path(config: FineTuningConfig, run_id: str, stage: int) -> Path:
     return config.resolve(config.carbon_tracking.output_dir) / f"{run_id}_stage{stage}_emissions.csv"
 
 
+def tracking_mode(config: FineTuningConfig, run_id: str) -> tuple[str, Optional[str]]:
+    """The mode to measure in, and why it differs from the config's: 'machine' counts every
+    process, so while another run of this project trains it would count that run's work too."""
+    if config.carbon_tracking.tracking_mode != "machine":
+        return config.carbon_tracking.tracking_mode, None
+    from trainer.training_run_manager import RunManager, lock_held
+
+    manager = RunManager(config)
+    others = [r["run_id"] for r in manager.list_runs()
+              if r["run_id"] != run_id and lock_held(manager.runs_dir / r["run_id"] / ".lock")]
+    if others:
+        return "process", f"tracking_mode machine would also count the running run(s) {', '.join(others)}"
+    return "machine", None
+
+
 def make_tracker(config: FineTuningConfig, run_id: str, stage: int):
     """A CodeCarbon tracker for one stage: offline with the configured country unless online mode is asked."""
     carbon = config.carbon_tracking
+    mode, why = tracking_mode(config, run_id)
+    if why:
+        log.warning("stage %s: measuring this process only: %s", stage, why)
     output = csv_path(config, run_id, stage)
     output.parent.mkdir(parents=True, exist_ok=True)
     common = dict(project_name=f"{carbon.project_name}-stage{stage}", output_dir=str(output.parent),
-                  output_file=output.name, tracking_mode=carbon.tracking_mode, log_level=carbon.log_level,
+                  output_file=output.name, tracking_mode=mode, log_level=carbon.log_level,
                   measure_power_secs=carbon.measure_power_secs, save_to_file=True, save_to_api=False,
                   allow_multiple_runs=True, experiment_name=run_id)
     if carbon.offline_mode:

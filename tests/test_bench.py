@@ -1,0 +1,19 @@
+"""The benchmark scripts run and print their tables (small sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_weighting_and_preparation_benchmark_prints_its_tables():
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "weighting_and_data.py"), "--sizes", "2000"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    lines = out.splitlines()
+    weighting = lines[lines.index("quality weighting: index sampling vs duplicated rows") + 2].split()
+    assert weighting[0] == "2000" and int(weighting[6]) > 2000, out  # duplication grows the data set
+    assert float(weighting[7]) > 1, "index sampling must need less memory than copies"
+    preparation = lines[lines.index("data preparation (scripts/prepare_dataset.py's code path)") + 2].split()
+    assert preparation[0] == "2000" and float(preparation[2]) > 0, out
