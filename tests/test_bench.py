@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -17,3 +19,15 @@ def test_weighting_and_preparation_benchmark_prints_its_tables():
     assert float(weighting[7]) > 1, "index sampling must need less memory than copies"
     preparation = lines[lines.index("data preparation (scripts/prepare_dataset.py's code path)") + 2].split()
     assert preparation[0] == "2000" and float(preparation[2]) > 0, out
+
+
+@pytest.mark.slow
+def test_transformers_benchmark_runs_both_sides():
+    pytest.importorskip("peft")
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "transformers_vs_trainer.py"), "--steps", "2",
+                          "--repeats", "1", "--rows", "60"], capture_output=True, text=True, timeout=900).stdout
+    assert "ratio (project / Trainer):" in out, out[-3000:]
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()
+            if line.startswith(("project transformers", "HF Trainer + peft"))}
+    assert set(rows) == {"project transformers", "HF Trainer + peft"}
+    assert all(float(values[0]) > 0 and values[2].endswith("%") for values in rows.values())

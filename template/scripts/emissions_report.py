@@ -22,13 +22,13 @@ def main(args) -> dict:
 
 
 def _kg(value) -> str:
-    return "-" if value is None else f"{value:.6f} kg"
+    return "-" if value is None else f"{value:.3g} kg"
 
 
 def show(result: dict) -> None:
     if "run_id" in result:
         print(f"run {result['run_id']}: {_kg(result['total_kg'])} CO2eq ({result['status']}), "
-              f"{result['duration_hours']:.3f} h, {result['energy_kwh'] or 0:.6f} kWh")
+              f"{result['duration_hours']:.3g} h, {result['energy_kwh'] or 0:.3g} kWh")
         for stage, record in result["stages"].items():
             detail = _kg(record.get("emissions_kg")) if record["status"] == "measured" else record.get("reason")
             print(f"  {stage}: {detail}")
@@ -38,8 +38,8 @@ def show(result: dict) -> None:
         for row in result["top_emitting_runs"]:
             print(f"  {row['run_id']}: {_kg(row['total_kg'])}")
     eq = result["equivalencies"]
-    print(f"  = {eq['miles_driven']:.4f} miles driven, {eq['smartphones_charged']:.2f} smartphone charges, "
-          f"{eq['tree_years_to_absorb']:.5f} tree-years; offset about ${result['offset_cost_usd']:.4f}")
+    print(f"  = {eq['miles_driven']:.3g} miles driven, {eq['smartphones_charged']:.3g} smartphone charges, "
+          f"{eq['tree_years_to_absorb']:.3g} tree-years to absorb; offset about ${result['offset_cost_usd']:.3g}")
     for alert in result.get("alerts", []):
         print(f"  ALERT {alert['alert']}: {alert['value_kg']:.4f} kg > {alert['threshold_kg']} kg")
     for advice in result.get("recommendations", []):

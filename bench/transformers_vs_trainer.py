@@ -1,0 +1,197 @@
+"""The generated project's transformers backend vs a plain Hugging Face Trainer + peft script,
+and model FLOPs utilisation against this machine's measured matmul peak.
+
+    python bench/transformers_vs_trainer.py [--steps 20] [--repeats 3] [--batch 8]
+
+Both sides train the same locally built Llama-architecture model (about 24M parameters,
+random weights, its tokenizer trained on the data) with the same LoRA (rank 8 on q, k, v, o;
+scale 2), learning rate, batch size and variable-length chat data with the prompt masked, on
+the same number of threads. Runs alternate (ours, theirs, ours, ...) and the medians are
+reported. Both see the very same batches (the Trainer's sampler is given the project's batch
+indices), so only the engines differ. Throughput is real (unpadded) tokens per second: the
+project's own report for the backend; for the Trainer, the tokens its collator produced over
+`train_runtime`. Memory is each process's peak resident set (VmHWM).
+
+MFU uses the LoRA convention of 4N FLOPs per token (forward 2N, backward through the frozen
+weights 2N, no weight gradients), with N the parameters that take part in matmuls (all but
+the input embedding), against the float32 matmul rate measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = {"vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 6,
+         "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 2048}
+LEARNING_RATE = 2e-4
+
+TRAINER_SCRIPT = r'''
+import json, sys, time
+from pathlib import Path
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                          TrainingArguments)
+
+model_dir, data_file, out, steps, batch, lr, seed = sys.argv[1:8]
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+rows = []
+for line in Path(data_file).read_text().splitlines():
+    messages = json.loads(line)["messages"]
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"][:512]
+    cut = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * cut + ids[cut:]})
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                         task_type="CAUSAL_LM"))
+padding = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+seen = {"tokens": 0}
+
+def collate(features):
+    batch = padding(features)
+    seen["tokens"] += int(batch["attention_mask"].sum())
+    return batch
+
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(batch), max_steps=int(steps),
+                         learning_rate=float(lr), lr_scheduler_type="constant", warmup_steps=0,
+                         logging_steps=int(steps), save_strategy="no", report_to=[], use_cpu=True,
+                         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+# The same batches as the project's run: its sampler's indices (seed, stage 1, iteration, micro 0),
+# consecutive groups of `batch` for the Trainer's dataloader, so only the engines differ.
+sys.path.insert(0, ".")
+import numpy as np
+from trainer.training_data import Sampler
+sampler = Sampler([(np.ones(len(rows)), 1.0)], int(batch), int(seed), 1)
+order = [int(i) for step in range(1, int(steps) + 1) for i in sampler.batch(step, 0)]
+
+
+class SameBatches(Trainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return order
+
+
+trainer = SameBatches(model=model, args=args, train_dataset=rows, data_collator=collate)
+metrics = trainer.train().metrics
+peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+print(json.dumps({"tokens": seen["tokens"], "seconds": metrics["train_runtime"],
+                  "tokens_per_second": seen["tokens"] / metrics["train_runtime"], "peak_gb": peak / 1e6}))
+'''
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
+    """Instruction data of widely varying length (what padding wastes time on)."""
+    rng = random.Random(seed)
+    words = ("the model answers questions about rivers cities numbers history science language and more "
+             "with short or long explanations that vary a lot in length").split()
+    rows = []
+    for i in range(n):
+        question = " ".join(rng.choices(words, k=rng.randint(4, 40)))
+        answer = " ".join(rng.choices(words, k=rng.choice([rng.randint(3, 20), rng.randint(40, 200)])))
+        rows.append({"instruction": f"{question} ({i})?", "output": answer, "quality": 0.5})
+    return rows
+
+
+def run(argv: list[str], cwd: Path) -> dict:
+    out = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"{argv[1]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def _timed(function) -> float:
+    began = time.perf_counter()
+    function()
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=400)
+    args = parser.parse_args()
+    import torch
+    from copier import run_copy
+
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp) / "bench"
+        run_copy(str(REPO), str(project), defaults=True, quiet=True, vcs_ref="HEAD", unsafe=True,
+                 data={"project_name": "bench", "backend": "transformers", "enable_quality_weighting": False,
+                       "enable_carbontracking": False, "enable_evaluation": False})
+        rows = synthetic_rows(args.rows)
+        raw = project / "data" / "raw" / "bench.jsonl"
+        raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        sys.path.insert(0, str(project))
+        from trainer import tiny_model
+
+        model = project / "models" / "bench-llama"
+        summary = tiny_model.build("llama", model, [r["instruction"] + " " + r["output"] for r in rows],
+                                   shape=SHAPE, verify=False)
+        n_params = summary["parameters"]
+        n_matmul = n_params - summary["vocab_size"] * SHAPE["hidden_size"]  # the input embedding is a lookup
+        python = sys.executable
+        run([python, "scripts/prepare_dataset.py", "--json", "--input", str(raw), "--tokenizer", str(model)], project)
+        data_file = project / "data" / "processed" / "train.jsonl"
+        ours_args = [python, "scripts/train.py", "--json", "--name", "bench",
+                     "--set", "base_model.local_path=models/bench-llama",
+                     "--set", f"training.stage1.iterations={args.steps}",
+                     "--set", f"training.stage1.batch_size={args.batch}",
+                     "--set", f"training.stage1.learning_rate={LEARNING_RATE}",
+                     "--set", "training.stage1.warmup_steps=0",
+                     "--set", "training.lr_schedule=constant", "--set", "training.gradient_checkpointing=false",
+                     "--set", "training.max_seq_length=512", "--set", "lora.rank=8", "--set", "lora.alpha=16",
+                     "--set", "lora.dropout=0.0", "--set", "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]",
+                     "--set", f"training.eval_steps={args.steps}", "--set", f"training.save_steps={args.steps}",
+                     "--set", f"training.log_steps={args.steps}", "--set", "training.val_batches=1"]
+        theirs_args = [python, "-c", TRAINER_SCRIPT, str(model), str(data_file), str(Path(tmp) / "hf"),
+                       str(args.steps), str(args.batch), str(LEARNING_RATE), "42"]
+        ours, theirs = [], []
+        for repeat in range(args.repeats):
+            stage = run(ours_args, project)["stages"]["stage1"]
+            ours.append({"tokens_per_second": stage["tokens_per_second"], "peak_gb": stage["peak_memory_gb"]})
+            theirs.append(run(theirs_args, project))
+            print(f"  repeat {repeat + 1}: ours {ours[-1]['tokens_per_second']:.0f} tok/s, "
+                  f"Trainer {theirs[-1]['tokens_per_second']:.0f} tok/s")
+        peak = matmul_peak()
+
+    def median(values: list[dict], key: str) -> float:
+        return statistics.median(v[key] for v in values)
+
+    ours_tps, theirs_tps = median(ours, "tokens_per_second"), median(theirs, "tokens_per_second")
+    print(f"\nmodel: llama, {n_params / 1e6:.1f}M parameters ({n_matmul / 1e6:.1f}M in matmuls), batch {args.batch}, "
+          f"{args.steps} steps x {args.repeats} alternating runs, {args.rows} rows of variable length")
+    print(f"{'':22}{'tokens/s':>10}{'peak GB':>9}{'MFU':>8}")
+    for name, values, tps in (("project transformers", ours, ours_tps), ("HF Trainer + peft", theirs, theirs_tps)):
+        print(f"{name:22}{tps:>10.0f}{median(values, 'peak_gb'):>9.2f}{4 * n_matmul * tps / peak:>8.1%}")
+    print(f"ratio (project / Trainer): {ours_tps / theirs_tps:.2f}x")
+    print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s (2048x2048, best of 10)")
+
+
+if __name__ == "__main__":
+    main()
