@@ -10,7 +10,9 @@ the same number of threads. Runs alternate (ours, theirs, ours, ...) and the med
 reported. Both see the very same batches (the Trainer's sampler is given the project's batch
 indices), so only the engines differ. Throughput is real (unpadded) tokens per second: the
 project's own report for the backend; for the Trainer, the tokens its collator produced over
-`train_runtime`. Memory is each process's peak resident set (VmHWM).
+`train_runtime`. Memory is each process's peak resident set (VmHWM). A third row runs the
+project with `training.length_grouping` (batches cut from a length-sorted draw: the same
+weighted rows with far less padding) against the same Trainer baseline.
 
 MFU uses the LoRA convention of 4N FLOPs per token (forward 2N, backward through the frozen
 weights 2N, no weight gradients), with N the parameters that take part in matmuls (all but
@@ -34,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPE = {"vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 6,
          "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 2048}
 LEARNING_RATE = 2e-4
+GROUP = 8  # training.length_grouping for the padding-free row: 8 batches drawn together, cut by length
 
 TRAINER_SCRIPT = r'''
 import json, sys, time
@@ -171,25 +174,31 @@ def main() -> None:
                      "--set", f"training.log_steps={args.steps}", "--set", "training.val_batches=1"]
         theirs_args = [python, "-c", TRAINER_SCRIPT, str(model), str(data_file), str(Path(tmp) / "hf"),
                        str(args.steps), str(args.batch), str(LEARNING_RATE), "42"]
-        ours, theirs = [], []
+        grouped_args = [*ours_args, "--set", f"training.length_grouping={GROUP}"]
+        ours, theirs, grouped = [], [], []
         for repeat in range(args.repeats):
-            stage = run(ours_args, project)["stages"]["stage1"]
-            ours.append({"tokens_per_second": stage["tokens_per_second"], "peak_gb": stage["peak_memory_gb"]})
+            for target, argv in ((ours, ours_args), (grouped, grouped_args)):
+                stage = run(argv, project)["stages"]["stage1"]
+                target.append({"tokens_per_second": stage["tokens_per_second"], "peak_gb": stage["peak_memory_gb"]})
             theirs.append(run(theirs_args, project))
             print(f"  repeat {repeat + 1}: ours {ours[-1]['tokens_per_second']:.0f} tok/s, "
-                  f"Trainer {theirs[-1]['tokens_per_second']:.0f} tok/s")
+                  f"ours grouped {grouped[-1]['tokens_per_second']:.0f}, "
+                  f"Trainer {theirs[-1]['tokens_per_second']:.0f}")
         peak = matmul_peak()
 
     def median(values: list[dict], key: str) -> float:
         return statistics.median(v[key] for v in values)
 
     ours_tps, theirs_tps = median(ours, "tokens_per_second"), median(theirs, "tokens_per_second")
+    grouped_tps = median(grouped, "tokens_per_second")
     print(f"\nmodel: llama, {n_params / 1e6:.1f}M parameters ({n_matmul / 1e6:.1f}M in matmuls), batch {args.batch}, "
           f"{args.steps} steps x {args.repeats} alternating runs, {args.rows} rows of variable length")
     print(f"{'':22}{'tokens/s':>10}{'peak GB':>9}{'MFU':>8}")
-    for name, values, tps in (("project transformers", ours, ours_tps), ("HF Trainer + peft", theirs, theirs_tps)):
+    for name, values, tps in (("project transformers", ours, ours_tps), ("project, grouped", grouped, grouped_tps),
+                              ("HF Trainer + peft", theirs, theirs_tps)):
         print(f"{name:22}{tps:>10.0f}{median(values, 'peak_gb'):>9.2f}{4 * n_matmul * tps / peak:>8.1%}")
     print(f"ratio (project / Trainer): {ours_tps / theirs_tps:.2f}x")
+    print(f"ratio (project with length_grouping {GROUP} / Trainer): {grouped_tps / theirs_tps:.2f}x")
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s (2048x2048, best of 10)")
 
 

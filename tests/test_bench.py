@@ -28,6 +28,6 @@ def test_transformers_benchmark_runs_both_sides():
                           "--repeats", "1", "--rows", "60"], capture_output=True, text=True, timeout=900).stdout
     assert "ratio (project / Trainer):" in out, out[-3000:]
     rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()
-            if line.startswith(("project transformers", "HF Trainer + peft"))}
-    assert set(rows) == {"project transformers", "HF Trainer + peft"}
+            if line.startswith(("project transformers", "project, grouped", "HF Trainer + peft"))}
+    assert set(rows) == {"project transformers", "project, grouped", "HF Trainer + peft"}
     assert all(float(values[0]) > 0 and values[2].endswith("%") for values in rows.values())

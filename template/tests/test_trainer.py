@@ -71,6 +71,32 @@ def test_replay_share_matches_the_ratio():
     assert abs(share - 0.15) < 0.01
 
 
+def test_length_grouping_cuts_one_weighted_draw_by_length():
+    """Batches of a group come from one weighted draw of group x batch rows, sorted by length:
+    rows of similar length share a batch (less padding), each row once, statelessly."""
+    rng = np.random.default_rng(0)
+    n, batch, group = 400, 8, 5
+    lengths = rng.integers(10, 500, size=n)
+    weights = weights_for(100, 300, 2.5)
+    sampler = Sampler([(weights, 1.0)], batch, seed=4, stage=1, lengths=lengths, group=group)
+    again = Sampler([(weights, 1.0)], batch, seed=4, stage=1, lengths=lengths, group=group)
+    block = [sampler.batch(i) for i in range(1, group + 1)]
+    assert [b.tolist() for b in block] == [again.batch(i).tolist() for i in (1, 2, 3, 4, 5)]
+    rows = np.concatenate(block)
+    assert len(set(rows.tolist())) == group * batch, "each row of the draw goes into exactly one batch"
+    spans = sorted((lengths[b].min(), lengths[b].max()) for b in block)
+    assert all(high <= next_low for (_, high), (next_low, _) in zip(spans, spans[1:], strict=False))
+    plain = Sampler([(weights, 1.0)], batch, seed=4, stage=1)
+    waste = lambda s: np.mean([lengths[s.batch(i)].max() * batch - lengths[s.batch(i)].sum()  # noqa: E731
+                               for i in range(1, 201)])
+    assert waste(sampler) < 0.5 * waste(plain), "grouping must cut padding"
+    counts = np.zeros(n)
+    for iteration in range(1, 5001):
+        counts[sampler.batch(iteration)] += 1
+    assert 2.0 < counts[:100].mean() / counts[100:].mean() < 3.0, "the quality weighting still holds"
+    assert Sampler([(np.ones(10), 1.0)], 4, 0, 1, np.arange(10), group=8).group == 2  # as many as fit
+
+
 def test_batch_never_exceeds_the_rows_available():
     sampler = Sampler([(np.ones(3), 1.0)], 8, seed=0, stage=1)
     assert sorted(sampler.batch(1).tolist()) == [0, 1, 2]

@@ -109,6 +109,9 @@ class TrainingSection(Section):
     eval_steps: int = Field(default=25, ge=1)
     log_steps: int = Field(default=10, ge=1)
     val_batches: int = Field(default=25)
+    # Draw this many batches at once and cut them from the rows sorted by length: less padding,
+    # the same rows and weights (1 = off; mlx-lm's own trainer sorts by length as well)
+    length_grouping: int = Field(default=1, ge=1, le=1024)
 
     @field_validator("val_batches")
     @classmethod

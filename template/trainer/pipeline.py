@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from trainer import emissions
 from trainer.base_trainer import (
     Backend,
@@ -306,7 +308,8 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
         replay_rows = len(replay)
         pools = [(weigh(train), 1 - training.stage2.replay_ratio), (weigh(replay), training.stage2.replay_ratio)]
         train = train + replay  # concatenates references to the rows, copies none
-    sampler = Sampler(pools, section.batch_size, training.seed, number)
+    lengths = np.array([len(row) for row in train.tokens]) if training.length_grouping > 1 else None
+    sampler = Sampler(pools, section.batch_size, training.seed, number, lengths, training.length_grouping)
     weights = weighting_summary(train.quality[: len(train) - replay_rows], training.quality_weight_multiplier,
                                 training.quality_threshold, training.quality_weighting)
 

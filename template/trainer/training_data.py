@@ -118,7 +118,8 @@ class Sampler:
     replay_ratio, so on average replay_ratio of every stage-2 batch is replay.
     """
 
-    def __init__(self, pools: list[tuple[np.ndarray, float]], batch_size: int, seed: int, stage: int):
+    def __init__(self, pools: list[tuple[np.ndarray, float]], batch_size: int, seed: int, stage: int,
+                 lengths: Optional[np.ndarray] = None, group: int = 1):
         probabilities = []
         for weights, share in pools:
             if len(weights) and share > 0:
@@ -130,10 +131,23 @@ class Sampler:
         self.size = len(p)
         self.batch_size = min(batch_size, int((self.p > 0).sum()))
         self.seed, self.stage = seed, stage
+        # Length grouping: `group` consecutive iterations share one weighted draw of
+        # group x batch_size distinct rows, sorted by length and cut into batches, which run in a
+        # seeded order. Still a function of (seed, stage, iteration, micro) alone, so resume holds.
+        self.lengths = lengths
+        usable = int((self.p > 0).sum()) // max(self.batch_size, 1)
+        self.group = max(1, min(group, usable)) if lengths is not None else 1
 
     def batch(self, iteration: int, micro: int = 0) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.stage, iteration, micro])
-        return rng.choice(self.size, size=self.batch_size, replace=False, p=self.p)
+        if self.group == 1:
+            rng = np.random.default_rng([self.seed, self.stage, iteration, micro])
+            return rng.choice(self.size, size=self.batch_size, replace=False, p=self.p)
+        block, position = divmod(iteration - 1, self.group)
+        rng = np.random.default_rng([self.seed, self.stage, block, micro, self.group])
+        rows = rng.choice(self.size, size=self.batch_size * self.group, replace=False, p=self.p)
+        rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+        which = rng.permutation(self.group)[position]
+        return rows[which * self.batch_size:(which + 1) * self.batch_size]
 
 
 @dataclass
