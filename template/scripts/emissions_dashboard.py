@@ -51,14 +51,14 @@ def main() -> None:
                 "once it starts.")
         return
 
-    overall = emissions.report(config)
+    summaries = {run["run_id"]: emissions.report(config, run["run_id"]) for run in runs}
+    overall = emissions.aggregate(config, list(summaries.values()))  # each run's CSVs are read once
     columns = st.columns(4)
     columns[0].metric("Runs", overall["runs"])
     columns[1].metric("Total emissions (kg CO2eq)", f"{overall['total_kg']:.3g}")
     columns[2].metric("Energy (kWh)", f"{overall['energy_kwh']:.3g}")
     columns[3].metric("Offset cost (USD)", f"{overall['offset_cost_usd']:.3g}")
 
-    summaries = {run["run_id"]: emissions.report(config, run["run_id"]) for run in runs}
     table = pd.DataFrame([{
         "run": run["run_id"], "status": run["status"], "progress %": run["progress"],
         "emissions kg": summaries[run["run_id"]]["total_kg"], "energy kWh": summaries[run["run_id"]]["energy_kwh"],
@@ -110,7 +110,8 @@ def main() -> None:
         st.warning("Stages without measured emissions:\n\n" + "\n".join(
             f"- {row.run} {row.stage}: {row.reason}" for row in unavailable.itertuples()))
     st.subheader("Recommendations")
-    for advice in emissions.recommendations(overall["total_kg"], overall["duration_hours"], None, None, config):
+    alerts = emissions.alerts_of(overall["total_kg"], None, config)
+    for advice in emissions.recommendations(alerts, overall["duration_hours"], None):
         st.markdown(f"- {advice}")
 
 

@@ -159,6 +159,15 @@ def measurement(tracker: Any) -> dict[str, str]:
     return found
 
 
+def intensity(kg: float, kwh: float) -> Optional[float]:
+    """Carbon intensity in g CO2eq per kWh."""
+    return 1000 * kg / kwh if kwh > 0 else None
+
+
+def per_hour(kg: float, seconds: float) -> Optional[float]:
+    return kg / (seconds / 3600) if seconds > 0 else None
+
+
 def record_of(data: Any, path: Path) -> dict[str, Any]:
     """The stage record from CodeCarbon's EmissionsData (or a CSV row as a dict)."""
     get = (lambda k: data.get(k)) if isinstance(data, dict) else (lambda k: getattr(data, k, None))
@@ -176,8 +185,8 @@ def record_of(data: Any, path: Path) -> dict[str, Any]:
         "cpu_energy_kwh": number("cpu_energy"), "gpu_energy_kwh": number("gpu_energy"),
         "ram_energy_kwh": number("ram_energy"), "duration_seconds": duration,
         "cpu_power_w": number("cpu_power"), "gpu_power_w": number("gpu_power"), "ram_power_w": number("ram_power"),
-        "carbon_intensity_g_per_kwh": 1000 * emissions / energy if energy > 0 else None,
-        "emissions_per_hour_kg": emissions / (duration / 3600) if duration > 0 else None,
+        "carbon_intensity_g_per_kwh": intensity(emissions, energy),
+        "emissions_per_hour_kg": per_hour(emissions, duration),
         "country": get("country_name"), "region": get("region") or None, "tracking_mode": get("tracking_mode"),
         "csv": str(path),
     }
@@ -205,10 +214,8 @@ def read_csv(path: Path) -> dict[str, Any]:
     for key in ("emissions_kg", "energy_kwh", "cpu_energy_kwh", "gpu_energy_kwh", "ram_energy_kwh",
                 "duration_seconds"):
         total[key] = sum(r[key] for r in records)
-    total["carbon_intensity_g_per_kwh"] = (1000 * total["emissions_kg"] / total["energy_kwh"]
-                                           if total["energy_kwh"] > 0 else None)
-    total["emissions_per_hour_kg"] = (total["emissions_kg"] / (total["duration_seconds"] / 3600)
-                                      if total["duration_seconds"] > 0 else None)
+    total["carbon_intensity_g_per_kwh"] = intensity(total["emissions_kg"], total["energy_kwh"])
+    total["emissions_per_hour_kg"] = per_hour(total["emissions_kg"], total["duration_seconds"])
     total["sessions"] = len(records)
     return total
 
@@ -230,19 +237,19 @@ def equivalencies(kg: float) -> dict[str, Any]:
     }
 
 
-def recommendations(total_kg: float, hours: float, per_hour_kg: Optional[float], intensity: Optional[float],
-                    config: FineTuningConfig) -> list[str]:
+def recommendations(alerts: list[dict[str, Any]], hours: float, grid_intensity: Optional[float]) -> list[str]:
+    """Advice for the alerts raised (alerts_of), the grid and the duration."""
     advice = []
-    alerts = config.carbon_tracking.alerts
-    if total_kg > alerts.high_emissions_kg:
-        advice.append(f"Emissions exceed the alert threshold of {alerts.high_emissions_kg} kg: train in a region "
-                      "with a cleaner grid (hydro or nuclear, e.g. Quebec, Norway, France) or at cleaner hours.")
-    if per_hour_kg is not None and per_hour_kg > alerts.high_emissions_per_hour_kg:
-        advice.append(f"Emissions per hour ({per_hour_kg:.3f} kg) exceed {alerts.high_emissions_per_hour_kg} kg: "
-                      "a smaller model, a quantized base (q4 with mlx) or fewer LoRA layers cut power draw.")
-    if intensity is not None and intensity > 300:
-        advice.append(f"The grid's carbon intensity is {intensity:.0f} g/kWh; below 100 g/kWh is achievable in "
-                      "low-carbon regions.")
+    for alert in alerts:
+        if alert["alert"] == "high_emissions":
+            advice.append(f"Emissions exceed the alert threshold of {alert['threshold_kg']} kg: train in a region "
+                          "with a cleaner grid (hydro or nuclear, e.g. Quebec, Norway, France) or at cleaner hours.")
+        else:
+            advice.append(f"Emissions per hour ({alert['value_kg']:.3f} kg) exceed {alert['threshold_kg']} kg: "
+                          "a smaller model, a quantized base (q4 with mlx) or fewer LoRA layers cut power draw.")
+    if grid_intensity is not None and grid_intensity > 300:
+        advice.append(f"The grid's carbon intensity is {grid_intensity:.0f} g/kWh; below 100 g/kWh is achievable "
+                      "in low-carbon regions.")
     if hours > 12:
         advice.append("Long runs: evaluate early and stop when validation loss stops improving.")
     advice.append("Compare runs in the emissions report to see which settings cost the most.")
@@ -266,16 +273,16 @@ def totals(stages: dict[str, dict[str, Any]], config: FineTuningConfig) -> dict[
     total = sum(v["emissions_kg"] for v in measured.values())
     energy = sum(v["energy_kwh"] for v in measured.values())
     seconds = sum(v["duration_seconds"] for v in measured.values())
-    per_hour = total / (seconds / 3600) if seconds > 0 else None
+    hourly = per_hour(total, seconds)
     return {
         "status": "measured" if len(measured) == len(stages) and stages else (
             "partial" if measured else "unavailable"),
         "total_kg": total if measured else None, "energy_kwh": energy if measured else None,
-        "duration_seconds": seconds, "emissions_per_hour_kg": per_hour,
+        "duration_seconds": seconds, "emissions_per_hour_kg": hourly,
         "cpu_energy_kwh": sum(v["cpu_energy_kwh"] for v in measured.values()),
         "gpu_energy_kwh": sum(v["gpu_energy_kwh"] for v in measured.values()),
         "ram_energy_kwh": sum(v["ram_energy_kwh"] for v in measured.values()),
-        "stages": stages, "alerts": alerts_of(total, per_hour, config),
+        "stages": stages, "alerts": alerts_of(total, hourly, config),
     }
 
 
@@ -295,14 +302,12 @@ def run_summary(config: FineTuningConfig, run_id: str, stages: list[int]) -> dic
         "equivalencies": equivalencies(kg),
         "offset_cost_usd": kg / 1000 * price,
         "offset_price_usd_per_tonne": price,
-        "recommendations": recommendations(kg, hours, summary["emissions_per_hour_kg"],
-                                           intensities[-1] if intensities else None, config),
+        "recommendations": recommendations(summary["alerts"], hours, intensities[-1] if intensities else None),
     }
 
 
-def aggregate(config: FineTuningConfig, runs: list[tuple[str, list[int]]]) -> dict[str, Any]:
-    """Every run's emissions together: totals, the top emitters, and each run's figures."""
-    summaries = [run_summary(config, run_id, stages) for run_id, stages in runs]
+def aggregate(config: FineTuningConfig, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs' summaries (run_summary) together: totals, the top emitters, and each run's figures."""
     measured = [s for s in summaries if s["total_kg"] is not None]
     total = sum(s["total_kg"] for s in measured)
     hours = sum(s["duration_hours"] for s in measured)
@@ -320,7 +325,6 @@ def aggregate(config: FineTuningConfig, runs: list[tuple[str, list[int]]]) -> di
     }
 
 
-
 def report(config: FineTuningConfig, run_id: Optional[str] = None) -> dict[str, Any]:
     """One run's summary, or the aggregate of every run of the project."""
     from trainer.training_run_manager import RunManager
@@ -333,4 +337,4 @@ def report(config: FineTuningConfig, run_id: Optional[str] = None) -> dict[str, 
     if run_id is not None:
         return run_summary(config, run_id, stages_of(run_id))
     runs = [entry["run_id"] for entry in manager.list_runs()]
-    return aggregate(config, [(run, stages_of(run)) for run in runs])
+    return aggregate(config, [run_summary(config, run, stages_of(run)) for run in runs])

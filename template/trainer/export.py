@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from trainer import gguf_export, hub, model_card
 from trainer.config import ARCHITECTURES, EXPORT_FORMATS, FineTuningConfig
-from trainer.export_engines import ExportError, adapter_as, fuse_mlx, merge_hf, model_type
+from trainer.export_engines import ExportError, adapter_into, fuse_mlx, merge_hf, model_type
 from trainer.files import TEMP_PREFIX, write_atomic
 from trainer.training_run_manager import RunError, RunManager, now
 
@@ -120,21 +120,17 @@ def _build(fmt: str, merge: bool, quantization: str, source: str, adapter: Path,
            generation: dict[str, Any], name: str) -> dict[str, Any]:
     """Write the export's model files into the empty folder `target`."""
     if fmt == "adapters":
-        shutil.copytree(adapter_as(adapter, "peft", source, target.parent / f"{target.name}.scratch"),
-                        target / "peft")
-        shutil.copytree(adapter_as(adapter, "mlx", source, target.parent / f"{target.name}.scratch"),
-                        target / "mlx")
+        adapter_into(adapter, "peft", source, target / "peft")
+        adapter_into(adapter, "mlx", source, target / "mlx")
         return {"formats": ["peft", "mlx"]}
     if fmt in ("safetensors", "huggingface"):
         if not merge:
-            shutil.copytree(adapter_as(adapter, "peft", source, target.parent / f"{target.name}.scratch"), target,
-                            dirs_exist_ok=True)
+            adapter_into(adapter, "peft", source, target)
             return {"formats": ["peft"]}
         return merge_hf(source, adapter, target, generation)
     if fmt == "mlx":
         if not merge:
-            shutil.copytree(adapter_as(adapter, "mlx", source, target.parent / f"{target.name}.scratch"), target,
-                            dirs_exist_ok=True)
+            adapter_into(adapter, "mlx", source, target)
             return {"formats": ["mlx adapter"]}
         return fuse_mlx(source, adapter, target, quantization)
     merged = target.parent / f"{target.name}.merged"
@@ -167,8 +163,8 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
                                   "enable it, or export without upload")
             repo_id = hub.check_repo_id(repo_id or f"{config.huggingface.repo_prefix}/"
                                         f"{run_config.project.name}-stage{stage}-{fmt}")
-            if not dry_run and hub_api is None and not hub.token():
-                raise hub.UploadError(f"uploading needs a Hugging Face token in {' or '.join(hub.TOKEN_VARIABLES)}")
+            if not dry_run and hub_api is None:
+                hub.require_token()  # before the export is built, not after
         target = (output if output is not None else default_path(config, run_id, stage, fmt, chosen)).resolve()
         if target.exists() and not overwrite:
             raise ExportError(f"export path {target} already exists; pass overwrite to replace it",
@@ -197,8 +193,7 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
                 building.rename(target)
         finally:
             shutil.rmtree(building, ignore_errors=True)
-            for leftover in (".scratch", ".merged"):
-                shutil.rmtree(target.parent / f"{building.name}{leftover}", ignore_errors=True)
+            shutil.rmtree(target.parent / f"{building.name}.merged", ignore_errors=True)
         result: dict[str, Any] = {
             "success": True, "export_path": str(target), "export_format": fmt, "stage": stage, "run_id": run_id,
             "merged": merged, "quantization": chosen, "model_size_mb": _size_mb(target),

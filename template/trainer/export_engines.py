@@ -57,6 +57,14 @@ def adapter_as(adapter: Path, engine: str, source: str, scratch: Path) -> Path:
     return target
 
 
+def adapter_into(adapter: Path, engine: str, source: str, target: Path) -> None:
+    """Write the adapter to `target` in `engine`'s format: copied as it is, or converted there."""
+    if adapters.detect(adapter) == engine:
+        shutil.copytree(adapter, target, dirs_exist_ok=True)
+    else:
+        adapters.convert(adapter, target, engine, source, base_layers(source))
+
+
 def merge_hf(source: str, adapter: Path, output: Path, generation: dict[str, Any]) -> dict[str, Any]:
     """Base model + adapter merged with peft, saved with tokenizer and generation config."""
     try:

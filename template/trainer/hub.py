@@ -30,6 +30,14 @@ def token() -> Optional[str]:
     return next((os.environ[name] for name in TOKEN_VARIABLES if os.environ.get(name)), None)
 
 
+def require_token() -> str:
+    secret = token()
+    if not secret:
+        raise UploadError(f"uploading needs a Hugging Face token in {' or '.join(TOKEN_VARIABLES)} "
+                          "(a write token from https://huggingface.co/settings/tokens)")
+    return secret
+
+
 def files_of(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
@@ -42,10 +50,7 @@ def upload(folder: Path, repo_id: str, private: bool, dry_run: bool = False, api
     if dry_run:
         return result
     if api is None:
-        secret = token()
-        if not secret:
-            raise UploadError(f"uploading needs a Hugging Face token in {' or '.join(TOKEN_VARIABLES)} "
-                              "(a write token from https://huggingface.co/settings/tokens)")
+        secret = require_token()
         try:
             from huggingface_hub import HfApi
         except ImportError as error:
