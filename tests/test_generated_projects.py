@@ -21,7 +21,7 @@ SOURCES = {
     ".copier-answers.yml", ".env.example", ".gitignore", "README.md", "pyproject.toml", "requirements.txt",
     "config/fine_tuning_config.yaml",
     "trainer/__init__.py", "trainer/adapters.py", "trainer/base_trainer.py", "trainer/cli.py", "trainer/config.py",
-    "trainer/dataset_preparator.py", "trainer/emissions.py", "trainer/errors.py", "trainer/evaluation.py",
+    "trainer/dataset_preparator.py", "trainer/distributed.py", "trainer/emissions.py", "trainer/errors.py", "trainer/evaluation.py",
     "trainer/export.py",
     "trainer/export_engines.py", "trainer/files.py", "trainer/gguf_export.py", "trainer/hub.py",
     "trainer/mlx_trainer.py", "trainer/model_card.py", "trainer/monitor_api.py", "trainer/tracking.py",
@@ -36,6 +36,8 @@ SOURCES = {
     "data/processed/.gitkeep", "data/quality_reports/.gitkeep", "runs/.gitkeep", "logs/.gitkeep",
     "emissions/.gitkeep",
 }
+ACCELERATE = {"config/accelerate/single_gpu.yaml", "config/accelerate/multi_gpu.yaml", "config/accelerate/fsdp.yaml"}
+MLX_HOSTS = {"config/mlx_hosts.example.json"}
 SAMPLE = {"jsonl": "data/raw/sample_dataset.jsonl", "csv": "data/raw/sample_dataset.csv",
           "parquet": "data/raw/sample_dataset.jsonl"}
 
@@ -75,7 +77,9 @@ def files_of(project: Path) -> set[str]:
 def test_exact_file_set(generated):
     project, answers = generated
     stage2 = {SAMPLE[answers["dataset_format"]].replace("raw/sample_dataset", "raw/stage2/sample_domain")}
-    assert files_of(project) == SOURCES | {SAMPLE[answers["dataset_format"]]} | (
+    uses_mlx = answers["backend"] == "mlx" or (answers["backend"] == "auto" and answers["enable_mlx_optimization"])
+    launchers = (ACCELERATE if answers["backend"] != "mlx" else set()) | (MLX_HOSTS if uses_mlx else set())
+    assert files_of(project) == SOURCES | {SAMPLE[answers["dataset_format"]]} | launchers | (
         stage2 if answers["num_stages"] == 2 else set())
     assert (project / "data" / "raw" / "stage2").is_dir() == (answers["num_stages"] == 2)
 

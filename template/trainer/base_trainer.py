@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trainer.config import LoraSection, TrainingSection
+from trainer.distributed import World
 from trainer.errors import ProjectError
 from trainer.files import TEMP_PREFIX, read_json, sha256_file, write_json
-from trainer.training_data import Batch, Sampler, TokenizedSet, collate, eval_batches
+from trainer.training_data import Batch, Sampler, TokenizedSet, collate, eval_rows
 
 CHECKPOINT_PREFIX = "iter-"
 KEEP_CHECKPOINTS = 2
@@ -61,6 +62,7 @@ class Backend(ABC):
     name: str = ""
     tokenizer: Any = None
     pad_multiple: int = 1  # batch widths are rounded up to this (compiled engines like few shapes)
+    world: World = World()  # the processes training together (data parallel)
 
     @abstractmethod
     def load(self, source: str, quantization: str, cache_dir: Path) -> dict[str, Any]:
@@ -75,13 +77,24 @@ class Backend(ABC):
         """AdamW over the adapter weights, with the config's weight decay and clipping."""
 
     @abstractmethod
-    def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool) -> float:
-        """Forward and backward one micro-batch (loss divided by `accumulation`); apply
-        the accumulated update when `update`. Returns the micro-batch's mean loss."""
+    def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool,
+             denominator: Optional[float] = None) -> float:
+        """Forward and backward one micro-batch; apply the accumulated update (gradients
+        averaged over the ranks) when `update`. The loss is the batch's summed target-token
+        loss / `denominator` (default: its target count) / `accumulation`. Returns the loss
+        before the division by `accumulation`."""
 
     @abstractmethod
+    def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:
+        """Summed loss over the target tokens of `batches`, and their count; no gradients."""
+
     def evaluate(self, batches: list[Batch]) -> float:
-        """Mean loss over the target tokens of `batches`, without gradients."""
+        """Mean loss over the target tokens of `batches`."""
+        total, count = self.loss_sums(batches)
+        return total / max(count, 1)
+
+    def gather(self) -> None:  # noqa: B027 - most engines have nothing to collect
+        """Every rank calls this before rank 0 saves (FSDP must collect sharded state)."""
 
     @abstractmethod
     def save_adapter(self, folder: Path) -> None:
@@ -233,11 +246,24 @@ class StageResult:
 
 
 def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
-    """Run one stage from `plan.start_iteration` to `plan.iterations`."""
+    """Run one stage from `plan.start_iteration` to `plan.iterations`. With several
+    processes every rank runs this loop in step; only rank 0 has callbacks and writes."""
+    world = backend.world
     result = StageResult(iterations=plan.iterations,
                          resumed_from=plan.start_iteration or None)
-    valid = eval_batches(plan.valid, plan.batch_size, plan.val_batches, backend.pad_id, backend.pad_multiple)
+    valid_rows = eval_rows(plan.valid, plan.batch_size, plan.val_batches)
     started = time.perf_counter()
+
+    def validate() -> float:
+        total, count = 0.0, 0
+        for rows in valid_rows:
+            mine, weight = world.shard(rows), 1
+            if not len(mine):  # a short last batch: run a row anyway, FSDP gathers weights in every forward
+                mine, weight = rows[:1], 0
+            loss_sum, tokens = backend.loss_sums([collate(plan.valid, mine, backend.pad_id, backend.pad_multiple)])
+            total, count = total + weight * loss_sum, count + weight * tokens
+        total, count = world.sum([total, count])
+        return total / max(count, 1)
 
     def report(kind: str, iteration: int, **values: Any) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
@@ -252,20 +278,28 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
             getattr(callback, f"on_{kind}_loss_report")(info)
         return info
 
-    if plan.start_iteration == 0 and valid:
-        result.val_loss_before = backend.evaluate(valid)
+    if plan.start_iteration == 0 and valid_rows:
+        result.val_loss_before = validate()
         report("val", 0, val_loss=result.val_loss_before, train_loss=None)
 
+    lengths = [len(row) for row in plan.train.tokens]
     window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
     for iteration in range(plan.start_iteration + 1, plan.iterations + 1):
         lr = learning_rate(iteration, plan.learning_rate, plan.warmup_steps, plan.iterations, plan.schedule)
         tic = time.perf_counter()
         loss = 0.0
         for micro in range(plan.accumulation):
-            batch = collate(plan.train, plan.sampler.batch(iteration, micro), backend.pad_id, backend.pad_multiple)
-            loss += backend.step(batch, lr, plan.accumulation, update=micro == plan.accumulation - 1)
-            window_tokens += batch.tokens
+            rows = plan.sampler.batch(iteration, micro)  # the global batch: the same on every rank
+            targets = sum(lengths[i] - plan.train.starts[i] for i in rows)
+            batch = collate(plan.train, world.shard(rows), backend.pad_id, backend.pad_multiple)
+            loss += backend.step(batch, lr, plan.accumulation, update=micro == plan.accumulation - 1,
+                                 denominator=targets / world.size)
+            window_tokens += sum(lengths[i] for i in rows)
         loss /= plan.accumulation
+        stopping = plan.stop_requested()
+        if world.size > 1:  # the global batch's loss, and a stop any rank was asked for
+            total, stops = world.sum([loss, float(stopping)])
+            loss, stopping = total / world.size, stops > 0
         window_time += time.perf_counter() - tic
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"stage {plan.stage}: the training loss became {loss} at iteration {iteration}; "
@@ -283,25 +317,31 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
             result.tokens += window_tokens
             result.seconds += window_time
             window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
-        if valid and (iteration % plan.eval_steps == 0 or last):
-            result.val_loss = backend.evaluate(valid)
+        if valid_rows and (iteration % plan.eval_steps == 0 or last):
+            result.val_loss = validate()
             report("val", iteration, val_loss=result.val_loss, train_loss=None)
-        stopping = plan.stop_requested()
         if iteration % plan.save_steps == 0 or last or stopping:
-            path = save_checkpoint(backend, plan.checkpoint_dir, iteration,
-                                   {"stage": plan.stage, "train_loss": result.train_loss, "val_loss": result.val_loss})
-            for callback in plan.callbacks:
-                callback.on_checkpoint({"stage": plan.stage, "iteration": iteration, "path": str(path)})
+            backend.gather()
+            if world.main:
+                path = save_checkpoint(backend, plan.checkpoint_dir, iteration, {
+                    "stage": plan.stage, "train_loss": result.train_loss, "val_loss": result.val_loss,
+                    "processes": world.size})
+                for callback in plan.callbacks:
+                    callback.on_checkpoint({"stage": plan.stage, "iteration": iteration, "path": str(path)})
         if stopping and not last:
+            world.barrier()  # the checkpoint is on disk before any rank leaves
             raise Cancelled(f"stage {plan.stage} cancelled at iteration {iteration}; a checkpoint was saved, "
                             "continue with --resume", details={"stage": plan.stage, "iteration": iteration})
 
-    tmp = plan.adapter_dir.parent / f"{TEMP_PREFIX}{plan.adapter_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    backend.save_adapter(tmp)
-    if plan.adapter_dir.exists():
-        shutil.rmtree(plan.adapter_dir)
-    os.replace(tmp, plan.adapter_dir)
+    backend.gather()
+    if world.main:
+        tmp = plan.adapter_dir.parent / f"{TEMP_PREFIX}{plan.adapter_dir.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        backend.save_adapter(tmp)
+        if plan.adapter_dir.exists():
+            shutil.rmtree(plan.adapter_dir)
+        os.replace(tmp, plan.adapter_dir)
+    world.barrier()  # stage 2 on every rank starts from the adapter just written
     result.tokens_per_second = round(result.tokens / result.seconds, 2) if result.seconds else 0.0
     result.peak_memory_gb = round(backend.peak_memory_gb(), 4)
     return result

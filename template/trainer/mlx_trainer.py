@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm import load as mlx_load
 from mlx_lm.tuner.trainer import grad_checkpoint
@@ -27,6 +28,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from trainer.base_trainer import Backend, TrainingError, process_peak_memory_gb
 from trainer.config import LoraSection, TrainingSection
+from trainer.distributed import MLXWorld, World
 from trainer.files import TEMP_PREFIX
 from trainer.training_data import Batch
 
@@ -88,8 +90,9 @@ class MLXBackend(Backend):
     name = "mlx"
     pad_multiple = 32  # as mlx-lm's own batching: each new shape costs a compile
 
-    def __init__(self, seed: int):
-        mx.random.seed(seed)
+    def __init__(self, seed: int, world: World | None = None):
+        mx.random.seed(seed)  # the same on every rank: LoRA starts from the same weights everywhere
+        self.world = world or World()
         self.model = None
         self.optimizer = None
         self.lora_config: dict[str, Any] = {}
@@ -132,26 +135,31 @@ class MLXBackend(Backend):
         self.max_grad_norm = training.max_grad_norm
         model, optimizer = self.model, self.optimizer
 
-        def loss_fn(model, ids, starts, ends):
+        def loss_fn(model, ids, starts, ends, denominator):
             total, count = masked_loss(model, ids, starts, ends)
-            return total / count, count
+            return total / denominator, count
 
         value_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def micro_step(ids, starts, ends, accumulation):
-            (loss, _), grad = value_and_grad(model, ids, starts, ends)
+        def micro_step(ids, starts, ends, denominator, accumulation):
+            (loss, _), grad = value_and_grad(model, ids, starts, ends, denominator)
             return loss, tree_map(lambda g: g / accumulation, grad)
 
         self._step = micro_step
 
-    def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool) -> float:
+    def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool,
+             denominator: float | None = None) -> float:
         ids, starts, ends = mx.array(batch.ids), mx.array(batch.starts), mx.array(batch.ends)
-        loss, grad = self._step(ids, starts, ends, mx.array(accumulation, dtype=mx.float32))
+        denominator = float(batch.targets if denominator is None else denominator)
+        loss, grad = self._step(ids, starts, ends, mx.array(denominator, dtype=mx.float32),
+                                mx.array(accumulation, dtype=mx.float32))
         if self._grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, self._grad)
         if update:
+            if isinstance(self.world, MLXWorld):  # once per update, as mlx-lm's trainer does
+                grad = average_gradients(grad, group=self.world.group)
             if self.max_grad_norm > 0:
                 grad, _ = optim.clip_grad_norm(grad, self.max_grad_norm)
             self.optimizer.learning_rate = learning_rate
@@ -163,7 +171,7 @@ class MLXBackend(Backend):
             mx.eval(grad, loss)
         return float(loss.item())
 
-    def evaluate(self, batches: list[Batch]) -> float:
+    def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:
         self.model.eval()
         total, count = 0.0, 0
         for batch in batches:
@@ -172,7 +180,7 @@ class MLXBackend(Backend):
             total += float(loss.item())
             count += int(tokens.item())
         self.model.train()
-        return total / max(count, 1)
+        return total, count
 
     def save_adapter(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,10 @@
 """Train a configured run: pick the backend, run its stages in order (stage 2 from the
 stage-1 adapter, with replay), resume from checkpoints, and keep the manifest, status
-and metrics current so other processes (the MCP server, dashboards) can follow along."""
+and metrics current so other processes (the MCP server, dashboards) can follow along.
+
+Started by `accelerate launch` or `mlx.launch`, every process runs this; rank 0 holds the
+run's lock and writes its files, the other ranks train alongside and only read them.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,13 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from trainer import emissions
+from trainer import distributed, emissions
 from trainer.base_trainer import (
     Backend,
     Cancelled,
@@ -75,14 +80,31 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def make_backend(name: str, seed: int) -> Backend:
+def make_backend(name: str, seed: int, world: distributed.World | None = None) -> Backend:
     if name == "mlx":
         from trainer.mlx_trainer import MLXBackend
 
-        return MLXBackend(seed)
+        return MLXBackend(seed, world)
     from trainer.transformers_trainer import TransformersBackend
 
-    return TransformersBackend(seed)
+    return TransformersBackend(seed, world)
+
+
+class Follower(RunManager):
+    """A run as ranks other than 0 see it: they read its files and never write them."""
+
+    def update_manifest(self, run_id: str, change) -> dict[str, Any]:
+        manifest = self.manifest(run_id)
+        change(manifest)
+        return manifest
+
+    def write_status(self, run_id: str, **fields: Any) -> dict[str, Any]:
+        return fields
+
+    @contextmanager
+    def lock(self, run_id: str):
+        self.run_dir(run_id)  # an unknown run is refused on every rank
+        yield {"cleaned": []}
 
 
 class RunRecorder(TrainingCallback):
@@ -158,11 +180,14 @@ def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None
               quiet: bool = False) -> dict[str, Any]:
     """Train the run's stages (or one); returns the run's result. Raises TrainingError,
     Cancelled or RunError with the run's files left consistent."""
-    manager = RunManager(config)
+    world = distributed.world_for(resolve_backend(RunManager(config).run_config(run_id))[0])
+    manager = RunManager(config) if world.main else Follower(config)
     run_dir = manager.run_dir(run_id)
     with manager.lock(run_id) as found:
         stages, backend = check_request(manager, run_id, stage, resume)  # refusals change nothing
-        handler = logging.FileHandler(run_dir / "train.log")
+        for number in stages:
+            distributed.check_batch(world, number, manager.run_config(run_id).training.stage(number).batch_size)
+        handler = logging.FileHandler(run_dir / "train.log") if world.main else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -171,7 +196,8 @@ def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None
         stop = {"requested": False}
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
         try:
-            return _train(manager, run_id, stages, backend, resume, quiet, lambda: stop["requested"])
+            return _train(manager, run_id, stages, backend, resume, quiet or not world.main,
+                          lambda: stop["requested"], world)
         except (TrainingError, RunError) as error:
             _end(manager, run_id, "cancelled" if isinstance(error, Cancelled) else "failed", str(error))
             raise
@@ -221,12 +247,13 @@ def check_request(manager: RunManager, run_id: str, only: Optional[int], resume:
 
 
 def _train(manager: RunManager, run_id: str, stages: list[int], backend: tuple[str, str], resume: bool,
-           quiet: bool, stop) -> dict[str, Any]:
+           quiet: bool, stop, world: distributed.World) -> dict[str, Any]:
     run_dir = manager.run_dir(run_id)
     config = manager.run_config(run_id)
     only = len(stages) == 1 and config.training.num_stages > 1
     backend_name, reason = backend
-    manager.update_manifest(run_id, lambda m: m["backend"].update(resolved=backend_name, reason=reason))
+    manager.update_manifest(run_id, lambda m: m["backend"].update(resolved=backend_name, reason=reason,
+                                                                  **world.describe()))
     totals = {n: config.training.stage(n).iterations for n in stages}
     started = now()
     manager.write_status(run_id, status="running", pid=os.getpid(), backend=backend_name, started_at=started,
@@ -234,7 +261,9 @@ def _train(manager: RunManager, run_id: str, stages: list[int], backend: tuple[s
     results = {}
     offset = 0
     tracking = Tracking(config, run_dir, run_id, manager.manifest(run_id).get("tracking"))
-    tracking.start(flatten(config.to_yaml_dict()) | {"backend": backend_name, "run_id": run_id})
+    if world.main:  # an unstarted Tracking logs nothing
+        tracking.start(flatten(config.to_yaml_dict()) | {"backend": backend_name, "run_id": run_id,
+                                                         "processes": world.size})
     manager.update_manifest(run_id, lambda m: m.__setitem__("tracking", tracking.state))
     ending = "failed"
     try:
@@ -246,7 +275,7 @@ def _train(manager: RunManager, run_id: str, stages: list[int], backend: tuple[s
                 continue
             tracking.begin_stage(offset)
             results[key] = _train_stage(manager, run_id, config, number, backend_name, resume, quiet, stop,
-                                        RunRecorder(manager, run_id, offset, sum(totals.values())), tracking)
+                                        RunRecorder(manager, run_id, offset, sum(totals.values())), tracking, world)
             offset += totals[number]
         ending = "completed"
     except Cancelled:
@@ -255,7 +284,10 @@ def _train(manager: RunManager, run_id: str, stages: list[int], backend: tuple[s
     finally:
         state = tracking.finish(ending)
         manager.update_manifest(run_id, lambda m: m.__setitem__("tracking", state))
+    world.barrier()  # rank 0 has written the run's last records
     final = manager.manifest(run_id)
+    if not world.main:  # every rank returns what rank 0 recorded
+        results = {key: final["stages"][key].get("metrics", result) for key, result in results.items()}
     status = "completed" if all(s["status"] == "completed" for s in final["stages"].values()) else "not_started"
     manager.write_status(run_id, status=status, finished_at=now(), progress=100.0 if status == "completed" else None)
     return {"run_id": run_id, "status": status, "backend": backend_name, "stages": results,
@@ -264,13 +296,14 @@ def _train(manager: RunManager, run_id: str, stages: list[int], backend: tuple[s
 
 
 def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, number: int, backend_name: str,
-                 resume: bool, quiet: bool, stop, recorder: RunRecorder, tracking: Tracking) -> dict[str, Any]:
+                 resume: bool, quiet: bool, stop, recorder: RunRecorder, tracking: Tracking,
+                 world: distributed.World) -> dict[str, Any]:
     run_dir = manager.run_dir(run_id)
     key = f"stage{number}"
     entry = manager.manifest(run_id)["stages"][key]
     section = config.training.stage(number)
     training = config.training
-    backend = make_backend(backend_name, training.seed + number)
+    backend = make_backend(backend_name, training.seed + number, world)
     source = config.model_source()
     if config.base_model.local_path is not None and not Path(source).is_dir():
         raise RunError(f"base_model.local_path {source} does not exist", details={"stage": number})
@@ -314,16 +347,18 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
                                 training.quality_threshold, training.quality_weighting)
 
     start = 0
-    for path in prune_incomplete(run_dir / key / "checkpoints"):
-        log.info("stage %s: ignored and removed an incomplete checkpoint %s", number, path.name)
-    checkpoints = checkpoint_dirs(run_dir / key / "checkpoints")
-    if resume and checkpoints:
+    if world.main:
+        for path in prune_incomplete(run_dir / key / "checkpoints"):
+            log.info("stage %s: ignored and removed an incomplete checkpoint %s", number, path.name)
+        if not resume:  # a fresh start: checkpoints of an earlier attempt must not be resumed later
+            for _, path in checkpoint_dirs(run_dir / key / "checkpoints"):
+                shutil.rmtree(path)
+    world.barrier()  # every rank sees the same checkpoints from here
+    checkpoints = checkpoint_dirs(run_dir / key / "checkpoints") if resume else []
+    if checkpoints:
         start, path = checkpoints[-1]
         backend.load_state(path)
         log.info("stage %s: resuming from %s (iteration %s)", number, path.name, start)
-    elif checkpoints:  # a fresh start: checkpoints of an earlier attempt must not be resumed later
-        for _, path in checkpoints:
-            shutil.rmtree(path)
     metadata = {
         "stage": number, "backend": backend_name, "versions": {"python": platform.python_version(),
                                                                **backend.versions()},
@@ -332,8 +367,10 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
         "data": entry["data"], "rows": {"train": len(train) - replay_rows, "replay": replay_rows,
                                         "valid": len(valid), "dropped_too_long": train.dropped + valid.dropped},
         "weighting": weights, "parent_adapter": entry["parent_adapter"], "resumed_from": start or None,
+        "distributed": world.describe() | {"global_batch_size": sampler.batch_size},
     }
-    write_json(run_dir / key / "training_metadata.json", metadata)
+    if world.main:
+        write_json(run_dir / key / "training_metadata.json", metadata)
     manager.update_manifest(run_id, lambda m: m["stages"][key].update(
         status="running", started_at=m["stages"][key]["started_at"] or now(), weighting=weights,
         trainable_parameters=trainable, metadata_file=f"{key}/training_metadata.json", error=None))
@@ -345,10 +382,13 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
         log_steps=training.log_steps, eval_steps=training.eval_steps, save_steps=training.save_steps,
         val_batches=training.val_batches, checkpoint_dir=run_dir / key / "checkpoints",
         adapter_dir=run_dir / key / "adapters", start_iteration=start, stop_requested=stop,
-        callbacks=[recorder, Progress(number, quiet), tracking],
+        callbacks=[recorder, Progress(number, quiet), tracking] if world.main else [],
     )
     log.info("stage %s: %s backend, %s trainable parameters, %s rows (+%s replay), from iteration %s",
              number, backend_name, trainable, len(train) - replay_rows, replay_rows, start)
+    if not world.main:  # rank 0 measures the machine; it writes every record
+        result = train_stage(backend, plan).as_dict()
+        return result | {"emissions": {"status": "measured by rank 0"}}
     tracker = StageEmissions(config, run_id, number)
     earlier = sum(s.get("emissions", {}).get("emissions_kg", 0) or 0
                   for k, s in manager.manifest(run_id)["stages"].items() if k != key)

@@ -178,7 +178,12 @@ def collate(data: TokenizedSet, indices, pad_id: int, multiple: int = 1) -> Batc
     return Batch(ids=ids, starts=starts, ends=ends, tokens=sum(len(r) for r in rows))
 
 
+def eval_rows(data: TokenizedSet, batch_size: int, max_batches: int) -> list[np.ndarray]:
+    """The rows of each validation batch, in file order: the first `max_batches` (-1 = all)."""
+    count = len(data) if max_batches == -1 else min(len(data), max_batches * batch_size)
+    return [np.arange(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
+
+
 def eval_batches(data: TokenizedSet, batch_size: int, max_batches: int, pad_id: int, multiple: int = 1) -> list[Batch]:
     """Validation batches in file order: the first `max_batches` (-1 = all)."""
-    count = len(data) if max_batches == -1 else min(len(data), max_batches * batch_size)
-    return [collate(data, range(i, min(i + batch_size, count)), pad_id, multiple) for i in range(0, count, batch_size)]
+    return [collate(data, rows, pad_id, multiple) for rows in eval_rows(data, batch_size, max_batches)]

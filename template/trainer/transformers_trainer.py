@@ -4,6 +4,11 @@ The adapter is saved in peft's format (adapter_model.safetensors + adapter_confi
 so `PeftModel.from_pretrained(base, path)` loads it. The loss is computed here, not by
 the model, so that it is exactly the mlx backend's: mean cross-entropy over the target
 tokens of the whole batch.
+
+Under `accelerate launch` the model and optimizer go through `Accelerator.prepare` (DDP or
+FSDP, as the accelerate config says). Checkpoints hold state dicts keyed by parameter
+name (torch.distributed.checkpoint's full state dicts), so a checkpoint written by N
+processes resumes on any number of them.
 """
 
 from __future__ import annotations
@@ -15,10 +20,18 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.base_trainer import Backend, TrainingError, process_peak_memory_gb
 from trainer.config import LoraSection, TrainingSection
+from trainer.distributed import TorchWorld, World
 from trainer.training_data import Batch
 
 
@@ -35,12 +48,19 @@ class TransformersBackend(Backend):
     name = "transformers"
     pad_multiple = 8  # tensor-core friendly on GPUs
 
-    def __init__(self, seed: int):
-        torch.manual_seed(seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = None
+    def __init__(self, seed: int, world: World | None = None):
+        torch.manual_seed(seed)  # the same on every rank: LoRA starts from the same weights everywhere
+        self.world = world or World()
+        self.accelerator = self.world.accelerator if isinstance(self.world, TorchWorld) else None
+        if self.accelerator is not None:
+            self.device = self.accelerator.device
+        else:
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = None  # what trains: the peft model, or its DDP/FSDP wrapper
+        self.peft = None  # the peft model itself
         self.optimizer = None
         self.max_grad_norm = 0.0
+        self._gathered: dict[str, Any] = {}
 
     def load(self, source: str, quantization: str, cache_dir: Path) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
@@ -56,6 +76,7 @@ class TransformersBackend(Backend):
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=quantization == "q4", load_in_8bit=quantization == "q8",
                 bnb_4bit_compute_dtype=torch.bfloat16)
+            kwargs["device_map"] = {"": self.device}  # each rank its own GPU
         if self.device.type == "cuda":
             kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.tokenizer = AutoTokenizer.from_pretrained(source)
@@ -80,7 +101,7 @@ class TransformersBackend(Backend):
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
             self.model.enable_input_require_grads()
         try:
-            self.model = get_peft_model(self.model, config)
+            self.model = self.peft = get_peft_model(self.model, config)
         except ValueError as error:
             raise TrainingError(f"lora.target_modules {lora.target_modules}: {error}") from error
         if init_from is not None:
@@ -89,8 +110,9 @@ class TransformersBackend(Backend):
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def _load_adapter_weights(self, folder: Path) -> None:
-        weights = load_file(str(folder / "adapter_model.safetensors"), device=str(self.device))
-        result = set_peft_model_state_dict(self.model, weights)
+        """Into the bare peft model, before any wrapper (stage 2 starting from stage 1)."""
+        weights = {k: v.to(self.device) for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+        result = set_peft_model_state_dict(self.peft, weights)
         if getattr(result, "unexpected_keys", None):
             raise TrainingError(f"the adapter in {folder} does not fit this model: {result.unexpected_keys[:5]}")
 
@@ -98,6 +120,18 @@ class TransformersBackend(Backend):
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=training.weight_decay)
         self.max_grad_norm = training.max_grad_norm
+        if self.accelerator is not None:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    @property
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+
+    def _options(self) -> StateDictOptions:
+        """Full (unsharded) state dicts, on rank 0's CPU when distributed."""
+        distributed = self.accelerator is not None
+        return StateDictOptions(full_state_dict=distributed, cpu_offload=distributed, ignore_frozen_params=True,
+                                strict=False)
 
     def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.from_numpy(batch.ids).long().to(self.device)
@@ -112,14 +146,23 @@ class TransformersBackend(Backend):
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         return (ce * mask.reshape(-1)).sum(), mask.sum()
 
-    def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool) -> float:
+    def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool,
+             denominator: float | None = None) -> float:
         total, count = self._loss(batch)
-        loss = total / count
-        (loss / accumulation).backward()
+        loss = total / (count if denominator is None else denominator)
+        if self.accelerator is None:
+            (loss / accumulation).backward()
+        elif update:
+            self.accelerator.backward(loss / accumulation)  # gradients are averaged over the ranks here
+        else:
+            with self.accelerator.no_sync(self.model):
+                self.accelerator.backward(loss / accumulation)
         if update:
-            if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                               self.max_grad_norm)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if self.max_grad_norm > 0 and self.accelerator is not None:
+                self.accelerator.clip_grad_norm_(params, self.max_grad_norm)  # the global norm, also under FSDP
+            elif self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate
             self.optimizer.step()
@@ -127,7 +170,7 @@ class TransformersBackend(Backend):
         return float(loss.detach().item())
 
     @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> float:
+    def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:
         self.model.eval()
         total, count = 0.0, 0
         for batch in batches:
@@ -135,7 +178,7 @@ class TransformersBackend(Backend):
             total += float(loss_sum.item())
             count += int(tokens.item())
         self.model.train()
-        return total / max(count, 1)
+        return total, count
 
     def eval_mode(self) -> None:
         self.model.eval()
@@ -153,19 +196,40 @@ class TransformersBackend(Backend):
             outputs.append(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         return outputs
 
+    def gather(self) -> None:
+        """Adapter weights and optimizer state as full state dicts (a collective under DDP/FSDP:
+        every rank calls it; rank 0 then writes them)."""
+        options = self._options()
+        self._gathered = {"model": get_model_state_dict(self.model, options=options),
+                          "optimizer": get_optimizer_state_dict(self.model, self._inner_optimizer, options=options)}
+
     def save_adapter(self, folder: Path) -> None:
-        self.model.save_pretrained(str(folder))
+        state = (self._gathered or {}).get("model")
+        self.peft.save_pretrained(str(folder), state_dict=state)
 
     def save_state(self, folder: Path) -> None:
-        state = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        optimizer = self._gathered.get("optimizer") or get_optimizer_state_dict(self.model, self._inner_optimizer,
+                                                                                 options=self._options())
+        state = {"optimizer": optimizer, "rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         torch.save(state, folder / "optimizer.pt")
+        self._gathered = {}
 
     def load_state(self, folder: Path) -> None:
-        self._load_adapter_weights(folder / "adapter")
-        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Every rank reads the checkpoint (the run folder is shared) and loads it whole."""
+        weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+        adapter = self.peft.active_adapter
+        names = {k.replace(f".{adapter}.", "."): k for k, p in self.peft.named_parameters() if p.requires_grad}
+        model_state = {names[k]: v.to(self.device) for k, v in weights.items() if k in names}
+        if not weights or len(model_state) != len(weights):
+            raise TrainingError(f"the checkpoint adapter in {folder} does not fit this model")
+        set_model_state_dict(self.model, model_state, options=self._options())
+        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        if all(isinstance(key, int) for key in state["optimizer"]["state"]):  # written before name-keyed state
+            self._inner_optimizer.load_state_dict(state["optimizer"])
+        else:
+            set_optimizer_state_dict(self.model, self._inner_optimizer, state["optimizer"], options=self._options())
         torch.set_rng_state(state["rng"].cpu())
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
