@@ -22,19 +22,14 @@ the input embedding), against the float32 matmul rate measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import random
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPE = {"vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 6,
-         "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 2048}
+from common import SHAPE, bench_project, median, project_args, run
+
 LEARNING_RATE = 2e-4
 GROUP = 8  # training.length_grouping for the padding-free row: 8 batches drawn together, cut by length
 
@@ -94,27 +89,6 @@ print(json.dumps({"tokens": seen["tokens"], "seconds": metrics["train_runtime"],
 '''
 
 
-def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
-    """Instruction data of widely varying length (what padding wastes time on)."""
-    rng = random.Random(seed)
-    words = ("the model answers questions about rivers cities numbers history science language and more "
-             "with short or long explanations that vary a lot in length").split()
-    rows = []
-    for i in range(n):
-        question = " ".join(rng.choices(words, k=rng.randint(4, 40)))
-        answer = " ".join(rng.choices(words, k=rng.choice([rng.randint(3, 20), rng.randint(40, 200)])))
-        rows.append({"instruction": f"{question} ({i})?", "output": answer, "quality": 0.5})
-    return rows
-
-
-def run(argv: list[str], cwd: Path) -> dict:
-    out = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise SystemExit(f"{argv[1]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1])
-
-
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     import torch
 
@@ -138,40 +112,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=400)
     args = parser.parse_args()
     import torch
-    from copier import run_copy
 
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
-        project = Path(tmp) / "bench"
-        run_copy(str(REPO), str(project), defaults=True, quiet=True, vcs_ref="HEAD", unsafe=True,
-                 data={"project_name": "bench", "backend": "transformers", "enable_quality_weighting": False,
-                       "enable_carbontracking": False, "enable_evaluation": False})
-        rows = synthetic_rows(args.rows)
-        raw = project / "data" / "raw" / "bench.jsonl"
-        raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        sys.path.insert(0, str(project))
-        from trainer import tiny_model
-
-        model = project / "models" / "bench-llama"
-        summary = tiny_model.build("llama", model, [r["instruction"] + " " + r["output"] for r in rows],
-                                   shape=SHAPE, verify=False)
+        project, model, summary = bench_project(Path(tmp), "transformers", args.rows)
         n_params = summary["parameters"]
         n_matmul = n_params - summary["vocab_size"] * SHAPE["hidden_size"]  # the input embedding is a lookup
         python = sys.executable
-        run([python, "scripts/prepare_dataset.py", "--json", "--input", str(raw), "--tokenizer", str(model)], project)
         data_file = project / "data" / "processed" / "train.jsonl"
         ours_args = [python, "scripts/train.py", "--json", "--name", "bench",
-                     "--set", "base_model.local_path=models/bench-llama",
-                     "--set", f"training.stage1.iterations={args.steps}",
-                     "--set", f"training.stage1.batch_size={args.batch}",
-                     "--set", f"training.stage1.learning_rate={LEARNING_RATE}",
-                     "--set", "training.stage1.warmup_steps=0",
-                     "--set", "training.lr_schedule=constant", "--set", "training.gradient_checkpointing=false",
-                     "--set", "training.max_seq_length=512", "--set", "lora.rank=8", "--set", "lora.alpha=16",
-                     "--set", "lora.dropout=0.0", "--set", "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]",
-                     "--set", f"training.eval_steps={args.steps}", "--set", f"training.save_steps={args.steps}",
-                     "--set", f"training.log_steps={args.steps}", "--set", "training.val_batches=1"]
+                     *project_args(args.steps, args.batch, LEARNING_RATE)]
         theirs_args = [python, "-c", TRAINER_SCRIPT, str(model), str(data_file), str(Path(tmp) / "hf"),
                        str(args.steps), str(args.batch), str(LEARNING_RATE), "42"]
         grouped_args = [*ours_args, "--set", f"training.length_grouping={GROUP}"]
@@ -185,9 +136,6 @@ def main() -> None:
                   f"ours grouped {grouped[-1]['tokens_per_second']:.0f}, "
                   f"Trainer {theirs[-1]['tokens_per_second']:.0f}")
         peak = matmul_peak()
-
-    def median(values: list[dict], key: str) -> float:
-        return statistics.median(v[key] for v in values)
 
     ours_tps, theirs_tps = median(ours, "tokens_per_second"), median(theirs, "tokens_per_second")
     grouped_tps = median(grouped, "tokens_per_second")

@@ -1,7 +1,11 @@
 """What the server is configured with: environment variables, overridden by CLI flags.
 
-OLMO_TEMPLATES_DIR       template source: a local template (copier.yml at its top) or a git URL
-                         (default: the template this package was installed from)
+OLMO_TEMPLATES_DIR       template source for new projects: a local template (copier.yml at its
+                         top) or a git URL (default: the template bundled in this package; in a
+                         source checkout, the checkout)
+OLMO_TEMPLATE_GIT        the template's git history (a git URL or a local clone) for updating
+                         projects made from the bundled copy, which has none (copier update needs
+                         the old and the new version)
 OLMO_DEFAULT_OUTPUT_DIR  where new projects go when a call names no output_dir
                          (default: ./fine-tuning-projects)
 OLMO_ALLOWED_ROOTS       directories every path argument must lie in, separated by ':'
@@ -20,7 +24,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BUNDLED_TEMPLATE = Path(__file__).resolve().parents[1]
+PACKAGE = Path(__file__).resolve().parent
+# An installed wheel carries the template in the package; a source checkout is the template.
+BUNDLED_TEMPLATE = (PACKAGE / "bundled_template" if (PACKAGE / "bundled_template" / "copier.yml").is_file()
+                    else PACKAGE.parent)
+
+
+def is_git_source(source: str) -> bool:
+    """Whether copier can read versions from `source`: a git URL or a folder inside a git repository."""
+    if source.startswith(("git@", "git+", "gh:", "gl:")) or source.endswith(".git") or "://" in source:
+        return True
+    path = Path(source).expanduser()
+    return any((parent / ".git").exists() for parent in (path, *path.parents)) if path.exists() else False
 
 
 def _paths(value: str) -> list[str]:
@@ -34,6 +49,7 @@ class Settings:
     allowed_roots: list[Path] = field(default_factory=list)
     trusted_templates: list[str] = field(default_factory=list)
     python: str = sys.executable
+    template_git: str = ""
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir).expanduser().resolve()
@@ -53,6 +69,8 @@ class Settings:
             values["trusted_templates"] = _paths(env["OLMO_TRUSTED_TEMPLATES"])
         if env.get("OLMO_PROJECT_PYTHON"):
             values["python"] = env["OLMO_PROJECT_PYTHON"]
+        if env.get("OLMO_TEMPLATE_GIT"):
+            values["template_git"] = env["OLMO_TEMPLATE_GIT"]
         values.update({k: v for k, v in overrides.items() if v not in (None, [], "")})
         return cls(**values)
 
@@ -62,7 +80,8 @@ class Settings:
             path = Path(source).expanduser()
             return str(path.resolve()) if path.exists() else source.rstrip("/")
 
-        return norm(template) in {norm(str(BUNDLED_TEMPLATE))} | {norm(t) for t in self.trusted_templates}
+        trusted = {norm(str(BUNDLED_TEMPLATE))} | {norm(t) for t in self.trusted_templates}
+        return norm(template) in trusted | ({norm(self.template_git)} if self.template_git else set())
 
     def local_template(self) -> Path:
         """The template's files on this machine (for the questionnaire); the bundled one

@@ -32,6 +32,7 @@ from mcp_wrapper.models import (
     EvaluateResult,
     ExportResult,
     GenerateResult,
+    GenerateTextResult,
     Metrics,
     MonitorResult,
     PrepareResult,
@@ -42,7 +43,8 @@ from mcp_wrapper.models import (
     UpdateResult,
 )
 from mcp_wrapper.paths import check_name, resolve
-from mcp_wrapper.settings import Settings
+from mcp_wrapper.release import record_source, release_ref
+from mcp_wrapper.settings import Settings, is_git_source
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "olmo-fine-tuning-mcp", "GIT_AUTHOR_EMAIL": "olmo-fine-tuning-mcp@localhost",
                 "GIT_COMMITTER_NAME": "olmo-fine-tuning-mcp", "GIT_COMMITTER_EMAIL": "olmo-fine-tuning-mcp@localhost"}
@@ -138,6 +140,8 @@ class Tools:
                 shutil.rmtree(project, ignore_errors=True)
             raise ToolError(f"copier could not generate the project: {type(error).__name__}: {error}") from None
         recorded = yaml.safe_load((project / ".copier-answers.yml").read_text()) or {}
+        if not is_git_source(template):  # the bundled copy: record the release for later updates
+            recorded = record_source(project, self.settings.template_git or template, release_ref())
         if git_init and shutil.which("git"):
             _git(project, "init", "-q", "-b", "main")
             _git(project, "add", "-A")
@@ -188,6 +192,8 @@ class Tools:
                             f"into a clean git tree):\n{shown}")
         before = yaml.safe_load(answers_file.read_text()) or {}
         source = str(before.get("_src_path") or self.settings.template)
+        if not is_git_source(source):
+            source = self._record_git_source(project, source, before)
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 run_update(str(project), defaults=True, overwrite=True, quiet=True, skip_answered=True,
@@ -209,6 +215,22 @@ class Tools:
                      f"updated from {before.get('_commit')} to {after.get('_commit')}; review and commit the changes"
                      + ("; resolve the conflicts first" if conflicts else "")),
         )
+
+    def _record_git_source(self, project: Path, source: str, answers: dict[str, Any]) -> str:
+        """A project made from a copy without git history gets the template's git source
+        (OLMO_TEMPLATE_GIT) written into its answers, in a commit of its own."""
+        if not self.settings.template_git:
+            raise ToolError(
+                f"{project} was generated from a copy of the template without git history ({source}), and copier "
+                "update needs the template's versions: set OLMO_TEMPLATE_GIT (or --template-git) to the template's "
+                "git URL or a local clone, then update again")
+        if not answers.get("_commit"):
+            raise ToolError(f"{project}/.copier-answers.yml does not record which template version made the project "
+                            "(no _commit), so there is nothing to update from; regenerate it from the git template")
+        record_source(project, self.settings.template_git, answers["_commit"])
+        _git(project, "commit", "-q", "-m", "Record the template's git source for copier update",
+             ".copier-answers.yml")
+        return self.settings.template_git
 
     # ------------------------------------------------------------- data and runs
 
@@ -261,6 +283,30 @@ class Tools:
                               base_results=result.get("base"), forgetting=result.get("forgetting"),
                               thresholds=result["thresholds"], results_file=result["results_file"],
                               samples_file=result["samples_file"])
+
+    def generate_text(self, project_value: str, prompt: str, run_id: Optional[str], stage: Optional[int],
+                      export_path: Optional[str], system: Optional[str], backend: Optional[str], max_tokens: int,
+                      temperature: float, top_p: float, client_roots: Optional[list[Path]]) -> GenerateTextResult:
+        project = self.project(project_value, client_roots)
+        args = ["--prompt", prompt, "--max-tokens", str(max_tokens), "--temperature", str(temperature),
+                "--top-p", str(top_p)]
+        if run_id and export_path:
+            raise ToolError("give run_id or export_path, not both")
+        if run_id:
+            self.run_dir(project, run_id)
+            args += ["--run-id", run_id] + (["--stage", str(stage)] if stage else [])
+        elif export_path:
+            path = Path(export_path).expanduser()
+            args += ["--export", str(self.path(path if path.is_absolute() else project / path, "export_path",
+                                               client_roots))]
+        if system:
+            args += ["--system", system]
+        if backend:
+            args += ["--backend", backend]
+        result = self.script(project, "generate.py", *args)
+        return GenerateTextResult(success=True, model=result["model"], prompt=prompt,
+                                  response=untrusted(result["response"]), max_tokens=result["max_tokens"],
+                                  temperature=result["temperature"], top_p=result["top_p"])
 
     def export(self, project_value: str, run_id: str, stage: int, export_format: str, export_path: Optional[str],
                merge_adapters: bool, quantization: Optional[str], overwrite: bool, upload_to_huggingface: bool,

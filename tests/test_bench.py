@@ -31,3 +31,18 @@ def test_transformers_benchmark_runs_both_sides():
             if line.startswith(("project transformers", "project, grouped", "HF Trainer + peft"))}
     assert set(rows) == {"project transformers", "project, grouped", "HF Trainer + peft"}
     assert all(float(values[0]) > 0 and values[2].endswith("%") for values in rows.values())
+
+
+@pytest.mark.slow
+def test_mlx_benchmark_runs_both_sides():
+    pytest.importorskip("mlx_lm")
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "mlx_vs_mlx_lm.py"), "--steps", "2", "--repeats", "1",
+                          "--rows", "60", "--small"], capture_output=True, text=True, timeout=900).stdout
+    assert "ratio (project mlx / raw):" in out, out[-3000:]
+    rows = {line[:20].strip(): line[20:].split() for line in out.splitlines()
+            if line.startswith(("project mlx", "project, grouped", "raw mlx_lm.lora"))}
+    assert set(rows) == {"project mlx", "project, grouped", "raw mlx_lm.lora"}
+    for name, values in rows.items():
+        tokens_per_second, wall, peak, tokens = map(float, values)
+        assert tokens_per_second > 0 and wall > 0 and peak > 0.05, (name, values)
+        assert tokens > 2 * 4, "two steps of 4 rows train on more than one token a row"

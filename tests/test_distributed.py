@@ -44,9 +44,9 @@ def launcher(backend: str, processes: int) -> list[str]:
     """The documented launch commands (README, 'More than one process')."""
     if processes == 1:
         return [sys.executable]
-    if backend == "transformers":
+    if backend == "transformers":  # accelerate runs the script with its own (this) python
         return [str(BIN / "accelerate"), "launch", "--config_file", "config/accelerate/multi_gpu.yaml",
-                "--num_processes", str(processes), "--main_process_port", str(free_port())]  # runs the script with this python
+                "--num_processes", str(processes), "--main_process_port", str(free_port())]
     return [str(BIN / "mlx.launch"), "-n", str(processes), "--backend", "ring", "--", sys.executable]
 
 

@@ -16,7 +16,7 @@ from mcp_wrapper.settings import Settings
 
 TOOLS = {"generate_fine_tuning_project", "update_project", "prepare_dataset", "configure_training_run",
          "start_training", "monitor_training_progress", "list_runs", "cancel_training", "evaluate_model",
-         "export_model", "get_emissions_report"}
+         "export_model", "get_emissions_report", "generate_text"}
 
 
 @pytest.fixture

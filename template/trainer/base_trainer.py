@@ -235,7 +235,8 @@ class StageResult:
     train_loss: Optional[float] = None
     val_loss_before: Optional[float] = None
     val_loss: Optional[float] = None
-    tokens: int = 0
+    tokens: int = 0  # real (unpadded) tokens trained on
+    target_tokens: int = 0  # of those, the ones the loss counts (what mlx-lm calls trained tokens)
     tokens_per_second: float = 0.0
     seconds: float = 0.0
     peak_memory_gb: float = 0.0
@@ -283,7 +284,7 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
         report("val", 0, val_loss=result.val_loss_before, train_loss=None)
 
     lengths = [len(row) for row in plan.train.tokens]
-    window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+    window_loss, window_steps, window_tokens, window_time, window_targets = 0.0, 0, 0, 0.0, 0
     for iteration in range(plan.start_iteration + 1, plan.iterations + 1):
         lr = learning_rate(iteration, plan.learning_rate, plan.warmup_steps, plan.iterations, plan.schedule)
         tic = time.perf_counter()
@@ -295,6 +296,7 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
             loss += backend.step(batch, lr, plan.accumulation, update=micro == plan.accumulation - 1,
                                  denominator=targets / world.size)
             window_tokens += sum(lengths[i] for i in rows)
+            window_targets += targets
         loss /= plan.accumulation
         stopping = plan.stop_requested()
         if world.size > 1:  # the global batch's loss, and a stop any rank was asked for
@@ -313,10 +315,11 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
             result.train_loss = window_loss / window_steps
             tps = window_tokens / window_time if window_time > 0 else 0.0
             report("train", iteration, train_loss=result.train_loss, tokens_per_second=round(tps, 2),
-                   tokens=window_tokens)
+                   tokens=window_tokens, target_tokens=window_targets)
             result.tokens += window_tokens
+            result.target_tokens += window_targets
             result.seconds += window_time
-            window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+            window_loss, window_steps, window_tokens, window_time, window_targets = 0.0, 0, 0, 0.0, 0
         if valid_rows and (iteration % plan.eval_steps == 0 or last):
             result.val_loss = validate()
             report("val", iteration, val_loss=result.val_loss, train_loss=None)

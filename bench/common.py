@@ -1,0 +1,80 @@
+"""What the engine benchmarks share: a generated project with a locally built model of tens of
+millions of parameters, variable-length chat data prepared by the project, and a way to run
+a command and read the JSON line it ends with."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Llama architecture, about 24M parameters (21M in matmuls)
+SHAPE = {"vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 6,
+         "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 2048}
+SMALL = {**SHAPE, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 4}
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
+    """Instruction data of widely varying length (what padding wastes time on)."""
+    rng = random.Random(seed)
+    words = ("the model answers questions about rivers cities numbers history science language and more "
+             "with short or long explanations that vary a lot in length").split()
+    rows = []
+    for i in range(n):
+        question = " ".join(rng.choices(words, k=rng.randint(4, 40)))
+        answer = " ".join(rng.choices(words, k=rng.choice([rng.randint(3, 20), rng.randint(40, 200)])))
+        rows.append({"instruction": f"{question} ({i})?", "output": answer, "quality": 0.5})
+    return rows
+
+
+def run(argv: list[str], cwd: Path) -> dict:
+    out = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"{argv[1]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def median(values: list[dict], key: str) -> float:
+    return statistics.median(v[key] for v in values)
+
+
+def bench_project(folder: Path, backend: str, n_rows: int, shape: dict = SHAPE) -> tuple[Path, Path, dict]:
+    """A generated project with the benchmark model in models/bench-llama and its data prepared
+    into data/processed/; returns (project, model folder, the model's summary)."""
+    from copier import run_copy
+
+    project = folder / "bench"
+    run_copy(str(REPO), str(project), defaults=True, quiet=True, vcs_ref="HEAD", unsafe=True,
+             data={"project_name": "bench", "backend": backend, "enable_quality_weighting": False,
+                   "enable_carbontracking": False, "enable_evaluation": False})
+    rows = synthetic_rows(n_rows)
+    raw = project / "data" / "raw" / "bench.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sys.path.insert(0, str(project))
+    from trainer import tiny_model
+
+    model = project / "models" / "bench-llama"
+    summary = tiny_model.build("llama", model, [r["instruction"] + " " + r["output"] for r in rows],
+                               shape=shape, verify=False)
+    run([sys.executable, "scripts/prepare_dataset.py", "--json", "--input", str(raw), "--tokenizer", str(model)],
+        project)
+    return project, model, summary
+
+
+def project_args(steps: int, batch: int, learning_rate: float) -> list[str]:
+    """scripts/train.py settings shared by the comparisons: LoRA rank 8, scale 2 on q, k, v, o of
+    every layer, constant learning rate, no gradient checkpointing, one validation batch."""
+    return ["--set", "base_model.local_path=models/bench-llama",
+            "--set", f"training.stage1.iterations={steps}", "--set", f"training.stage1.batch_size={batch}",
+            "--set", f"training.stage1.learning_rate={learning_rate}", "--set", "training.stage1.warmup_steps=0",
+            "--set", "training.lr_schedule=constant", "--set", "training.gradient_checkpointing=false",
+            "--set", "training.max_seq_length=512", "--set", "lora.rank=8", "--set", "lora.alpha=16",
+            "--set", "lora.dropout=0.0", "--set", "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]",
+            "--set", f"training.eval_steps={steps}", "--set", f"training.save_steps={steps}",
+            "--set", f"training.log_steps={steps}", "--set", "training.val_batches=1"]
