@@ -58,7 +58,8 @@ def test_the_wheel_carries_the_template_and_the_tag(installed):
     assert installed["wheel"].name.startswith("olmo_fine_tuning_mcp-1.0.0-")
     names = set(zipfile.ZipFile(installed["wheel"]).namelist())
     bundled = "mcp_wrapper/bundled_template/"
-    tracked = git(installed["source"], "ls-files", "copier.yml", "template", "includes", "hooks").splitlines()
+    tracked = git(installed["source"], "ls-files", "-z", "copier.yml", "template", "includes", "hooks").split("\0")
+    tracked = [name for name in tracked if name]
     assert {bundled + name for name in tracked} <= names, "every template file is in the wheel"
     assert not any(name.startswith(("tests/", "bench/", "template/")) for name in names)
     venv = installed["venv"]
