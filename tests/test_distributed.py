@@ -177,8 +177,12 @@ def test_refusals_under_a_launcher(project):
     assert code != 0
     message = results[0]["error"]["message"]
     assert "batch_size 1 is smaller than the 2 processes" in message
-    assert not (project / "runs" / run_id / "stage1" / "adapters").exists()
+    assert not any((project / "runs" / run_id / "stage1" / "adapters").iterdir())
     assert json.loads((project / "runs" / run_id / "status.json").read_text())["status"] == "not_started"
+
+    code, results, _ = launch(project, "transformers", 2, "--name", "unconfigured")
+    assert code != 0 and "configure the run first" in results[0]["error"]["message"]
+    assert not list((project / "runs").glob("unconfigured-*")), "no rank configured a run"
 
     run_id = configure(project, "wrong-launcher", "mlx")
     code, results, _ = launch(project, "transformers", 2, "--run-id", run_id)

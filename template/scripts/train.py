@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configure_run import add_arguments, data_args  # noqa: E402
 
-from trainer import cli  # noqa: E402
+from trainer import cli, distributed  # noqa: E402
 from trainer.pipeline import train_run  # noqa: E402
 from trainer.training_run_manager import RunManager  # noqa: E402
 
@@ -27,6 +27,9 @@ from trainer.training_run_manager import RunManager  # noqa: E402
 def main(args) -> dict:
     config = cli.config_from(args)
     run_id = args.run_id
+    if run_id is None and distributed.launched():
+        raise cli.ProjectError("under a launcher every process would configure a run of its own: configure the run "
+                               "first (python scripts/configure_run.py --name NAME), then launch with --run-id")
     if run_id is None:
         configured = RunManager(config).configure(args.name, data_args(args), cli.parse_sets(args.set),
                                                   config_path=Path(args.config))

@@ -100,6 +100,11 @@ def mlx_launched() -> bool:
     return "MLX_RANK" in os.environ
 
 
+def launched() -> bool:
+    """Whether a launcher started this process as one of several."""
+    return torch_launched() or mlx_launched()
+
+
 @cache
 def world_for(backend: str) -> World:
     """The world of this process for `backend` (created once: it joins the process group)."""
