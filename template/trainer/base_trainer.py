@@ -336,7 +336,7 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
             raise Cancelled(f"stage {plan.stage} cancelled at iteration {iteration}; a checkpoint was saved, "
                             "continue with --resume", details={"stage": plan.stage, "iteration": iteration})
 
-    backend.gather()
+    # the last iteration always checkpoints, so the state gathered for it is the final adapter
     if world.main:
         tmp = plan.adapter_dir.parent / f"{TEMP_PREFIX}{plan.adapter_dir.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

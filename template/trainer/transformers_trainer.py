@@ -198,7 +198,8 @@ class TransformersBackend(Backend):
 
     def gather(self) -> None:
         """Adapter weights and optimizer state as full state dicts (a collective under DDP/FSDP:
-        every rank calls it; rank 0 then writes them)."""
+        every rank calls it; rank 0 then writes them). Kept until the next gather: the final
+        adapter is the last checkpoint's."""
         options = self._options()
         self._gathered = {"model": get_model_state_dict(self.model, options=options),
                           "optimizer": get_optimizer_state_dict(self.model, self._inner_optimizer, options=options)}
@@ -214,7 +215,6 @@ class TransformersBackend(Backend):
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         torch.save(state, folder / "optimizer.pt")
-        self._gathered = {}
 
     def load_state(self, folder: Path) -> None:
         """Every rank reads the checkpoint (the run folder is shared) and loads it whole."""
