@@ -4,6 +4,7 @@ a command and read the JSON line it ends with."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
@@ -17,6 +18,16 @@ SHAPE = {"vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1408, "num
          "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 2048}
 SMALL = {**SHAPE, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 4}
+
+
+def parser(doc: str, steps: int, batch: int) -> argparse.ArgumentParser:
+    """The knobs every engine comparison takes; defaults per benchmark."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--steps", type=int, default=steps, help="training steps per run")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs per side (medians are reported)")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--rows", type=int, default=400, help="synthetic chat rows of variable length")
+    return p
 
 
 def synthetic_rows(n: int, seed: int = 0) -> list[dict]:

@@ -21,7 +21,6 @@ memory is each process's peak resident set; wall time is the whole command.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -29,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHAPE, SMALL, bench_project, median, project_args, run
+from common import SHAPE, SMALL, bench_project, median, parser, project_args, run
 
 LEARNING_RATE = 2e-4
 GROUP = 8
@@ -77,13 +76,9 @@ def timed_run(argv: list[str], cwd: Path) -> tuple[dict, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=400)
-    parser.add_argument("--small", action="store_true", help="a 1M-parameter model (a quick check that both sides run)")
-    args = parser.parse_args()
+    options = parser(__doc__, steps=10, batch=4)
+    options.add_argument("--small", action="store_true", help="a 1M-parameter model: a quick check that both run")
+    args = options.parse_args()
     from importlib.metadata import version
 
     import mlx.core as mx

@@ -21,14 +21,13 @@ the input embedding), against the float32 matmul rate measured here.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import SHAPE, bench_project, median, project_args, run
+from common import SHAPE, bench_project, median, parser, project_args, run
 
 LEARNING_RATE = 2e-4
 GROUP = 8  # training.length_grouping for the padding-free row: 8 batches drawn together, cut by length
@@ -105,12 +104,7 @@ def _timed(function) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=400)
-    args = parser.parse_args()
+    args = parser(__doc__, steps=20, batch=8).parse_args()
     import torch
 
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "

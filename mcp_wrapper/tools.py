@@ -75,6 +75,11 @@ class Tools:
     def path(self, value: str | Path, what: str, client_roots: Optional[list[Path]]) -> Path:
         return resolve(value, self.settings.allowed_roots, client_roots, self.settings.output_dir, what)
 
+    def in_project(self, project: Path, value: str, what: str, client_roots: Optional[list[Path]]) -> Path:
+        """A path argument relative to the project (or absolute), inside the allowed roots."""
+        path = Path(value).expanduser()
+        return self.path(path if path.is_absolute() else project / path, what, client_roots)
+
     def project(self, value: str, client_roots: Optional[list[Path]]) -> Path:
         project = self.path(value, "project_path", client_roots)
         if not (project / "config" / "fine_tuning_config.yaml").is_file() or not (project / "scripts").is_dir():
@@ -288,7 +293,8 @@ class Tools:
                       export_path: Optional[str], system: Optional[str], backend: Optional[str], max_tokens: int,
                       temperature: float, top_p: float, client_roots: Optional[list[Path]]) -> GenerateTextResult:
         project = self.project(project_value, client_roots)
-        args = ["--prompt", prompt, "--max-tokens", str(max_tokens), "--temperature", str(temperature),
+        # --flag=value: a prompt that starts with '-' is still the prompt, not an option
+        args = [f"--prompt={prompt}", "--max-tokens", str(max_tokens), "--temperature", str(temperature),
                 "--top-p", str(top_p)]
         if run_id and export_path:
             raise ToolError("give run_id or export_path, not both")
@@ -296,11 +302,9 @@ class Tools:
             self.run_dir(project, run_id)
             args += ["--run-id", run_id] + (["--stage", str(stage)] if stage else [])
         elif export_path:
-            path = Path(export_path).expanduser()
-            args += ["--export", str(self.path(path if path.is_absolute() else project / path, "export_path",
-                                               client_roots))]
+            args += ["--export", str(self.in_project(project, export_path, "export_path", client_roots))]
         if system:
-            args += ["--system", system]
+            args.append(f"--system={system}")
         if backend:
             args += ["--backend", backend]
         result = self.script(project, "generate.py", *args)
@@ -314,10 +318,8 @@ class Tools:
         project = self.project(project_value, client_roots)
         self.run_dir(project, run_id)
         args = ["--run-id", run_id, "--stage", str(stage), "--format", export_format]
-        if export_path:  # relative paths are the project's; every path must lie in the allowed roots
-            path = Path(export_path).expanduser()
-            args += ["--output", str(self.path(path if path.is_absolute() else project / path, "export_path",
-                                               client_roots))]
+        if export_path:
+            args += ["--output", str(self.in_project(project, export_path, "export_path", client_roots))]
         if not merge_adapters:
             args.append("--no-merge")
         if quantization:

@@ -125,6 +125,9 @@ def test_the_generate_text_tool(trained, tmp_path):
     expected = direct(project, runs["mlx"], "mlx", [{"role": "user", "content": PROMPTS[1]}])
     assert result["response"] == f"<<<untrusted-text\n{expected}\nuntrusted-text>>>"
     assert result["model"]["backend"] == "mlx" and result["max_tokens"] == TOKENS
+    dash = mcp_ok(server, "generate_text", {"project_path": str(project), "run_id": runs["mlx"].name,
+                                            "prompt": "-5 plus 3?", "system": "-be brief", "max_tokens": 4})
+    assert dash["prompt"] == "-5 plus 3?", "a prompt starting with '-' is not taken for an option"
     assert "max_tokens" in mcp_error(server, "generate_text", {"project_path": str(project), "prompt": "hi",
                                                                "max_tokens": 5000})
     assert "not both" in mcp_error(server, "generate_text", {"project_path": str(project), "prompt": "hi",

@@ -88,11 +88,15 @@ def evaluate_model(backend: Backend, records: list[dict[str, Any]], config: Fine
     return metrics, samples
 
 
-def _load(config: FineTuningConfig, backend_name: str, adapter: Optional[Path], seed: int) -> Backend:
+def load_inference(config: FineTuningConfig, backend_name: str, adapter: Optional[Path], seed: int,
+                   source: Optional[str] = None) -> Backend:
+    """A model ready to evaluate or answer: the base (or `source`, an exported model, which is
+    loaded as saved) with `adapter` (in the engine's format) if given, in inference mode."""
     from trainer.pipeline import make_backend
 
     backend = make_backend(backend_name, seed)
-    backend.load(config.model_source(), config.base_model.quantization, config.root / "models" / "quantized")
+    quantization = config.base_model.quantization if source is None else "none"
+    backend.load(source or config.model_source(), quantization, config.root / "models" / "quantized")
     if adapter is not None:
         backend.add_adapters(config.lora, False, adapter)
     backend.eval_mode()
@@ -125,7 +129,7 @@ def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: O
         records = records_of(test_file)
         batch = run_config.training.stage(stage).batch_size
         seed = run_config.training.seed
-        tuned = _load(run_config, backend_name, run_dir / key / "adapters", seed)
+        tuned = load_inference(run_config, backend_name, run_dir / key / "adapters", seed)
         metrics, samples = evaluate_model(tuned, records, run_config, batch)
         result: dict[str, Any] = {
             "run_id": run_id, "stage": stage, "backend": backend_name, "evaluated_at": now(),
@@ -137,8 +141,8 @@ def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: O
             if stage1_test.is_file():
                 old = records_of(stage1_test)
                 after, _ = evaluate_model(tuned, old, run_config, batch)
-                before, _ = evaluate_model(_load(run_config, backend_name, run_dir / "stage1" / "adapters", seed),
-                                           old, run_config, batch)
+                stage1_model = load_inference(run_config, backend_name, run_dir / "stage1" / "adapters", seed)
+                before, _ = evaluate_model(stage1_model, old, run_config, batch)
                 result["forgetting"] = {
                     "test_data": str(stage1_test), "stage1_model": before, "stage2_model": after,
                     "perplexity_increase": (after["perplexity"] / before["perplexity"] - 1)
@@ -147,7 +151,8 @@ def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: O
                     if "accuracy" in before else None,
                 }
         if include_base:
-            result["base"], _ = evaluate_model(_load(run_config, backend_name, None, seed), records, run_config, batch)
+            base = load_inference(run_config, backend_name, None, seed)
+            result["base"], _ = evaluate_model(base, records, run_config, batch)
         result["thresholds"] = thresholds(run_config, stage, result)
         folder = run_dir / key / "evaluation"
         write_json(folder / "results.json", result)

@@ -16,8 +16,9 @@ from typing import Any, Optional
 from trainer.base_trainer import Backend
 from trainer.config import FineTuningConfig
 from trainer.errors import ProjectError
+from trainer.evaluation import load_inference
 from trainer.export_engines import adapter_as
-from trainer.pipeline import installed, make_backend
+from trainer.pipeline import engines
 from trainer.training_run_manager import RunError, RunManager
 
 MAX_TOKENS_LIMIT = 4096
@@ -38,7 +39,7 @@ class Model:
 
 def pick_backend(requested: Optional[str], trained_with: Optional[str]) -> str:
     """The engine to load with: the one asked for, else the one that trained, else mlx, then transformers."""
-    has = {"mlx": installed("mlx_lm"), "transformers": installed("torch") and installed("peft")}
+    has = engines()
     if requested:
         if not has.get(requested):
             raise GenerationError(f"backend {requested} is not installed: pip install -e '.[{requested}]'")
@@ -66,7 +67,7 @@ def load_model(config: FineTuningConfig, run_id: Optional[str] = None, stage: Op
     """The base model, with a run stage's adapter, or an exported model (merged, fused or an adapter)."""
     if run_id and export:
         raise GenerationError("give a run (--run-id) or an export (--export), not both")
-    source, adapter, description = config.model_source(), None, {}
+    source, exported, adapter, description = config.model_source(), None, None, {}
     trained_with = None
     if run_id:
         manager = RunManager(config)
@@ -87,22 +88,17 @@ def load_model(config: FineTuningConfig, run_id: Optional[str] = None, stage: Op
         if adapter is None:
             if not (export / "config.json").is_file():
                 raise GenerationError(f"{export} holds neither a model (config.json) nor an adapter")
-            source = str(export)
+            source = exported = str(export)
         description = {"export": str(export)}
     name = pick_backend(backend, trained_with)
-    engine = make_backend(name, config.training.seed)
     scratch = None
     if adapter is not None:
         scratch = tempfile.TemporaryDirectory(prefix="generate-")
         adapter = adapter_as(adapter, "mlx" if name == "mlx" else "peft", source, Path(scratch.name))
-    quantization = config.base_model.quantization if source == config.model_source() else "none"
     try:
-        engine.load(source, quantization, config.root / "models" / "quantized")
+        engine = load_inference(config, name, adapter, config.training.seed, exported)
     except (OSError, ValueError) as error:
         raise GenerationError(f"could not load {source} with {name}: {error}") from error
-    if adapter is not None:
-        engine.add_adapters(config.lora, False, adapter)
-    engine.eval_mode()
     return Model(engine, {"backend": name, "base_model": source, **description}, scratch)
 
 

@@ -50,10 +50,15 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def engines() -> dict[str, bool]:
+    """Which training engines are installed."""
+    return {"mlx": installed("mlx_lm"), "transformers": installed("torch") and installed("peft")}
+
+
 def resolve_backend(config: FineTuningConfig) -> tuple[str, str]:
     """(backend, reason): mlx on Apple silicon, transformers with CUDA, else what is installed."""
     requested = config.training.backend
-    has = {"mlx": installed("mlx_lm"), "transformers": installed("torch") and installed("peft")}
+    has = engines()
     if requested != "auto":
         if not has[requested]:
             raise TrainingError(f"training.backend is {requested}, but it is not installed: "
@@ -184,9 +189,7 @@ def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None
     manager = RunManager(config) if world.main else Follower(config)
     run_dir = manager.run_dir(run_id)
     with manager.lock(run_id) as found:
-        stages, backend = check_request(manager, run_id, stage, resume)  # refusals change nothing
-        for number in stages:
-            distributed.check_batch(world, number, manager.run_config(run_id).training.stage(number).batch_size)
+        stages, backend = check_request(manager, run_id, stage, resume, world)  # refusals change nothing
         handler = logging.FileHandler(run_dir / "train.log") if world.main else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
@@ -224,7 +227,8 @@ def _end(manager: RunManager, run_id: str, status: str, error: str) -> None:
     log.error("%s: %s", status, error)
 
 
-def check_request(manager: RunManager, run_id: str, only: Optional[int], resume: bool) -> tuple[list[int], tuple]:
+def check_request(manager: RunManager, run_id: str, only: Optional[int], resume: bool,
+                  world: distributed.World) -> tuple[list[int], tuple]:
     """The stages to train and the backend, or a RunError/TrainingError for a request that
     cannot be served; nothing is written either way."""
     config = manager.run_config(run_id)
@@ -238,6 +242,8 @@ def check_request(manager: RunManager, run_id: str, only: Optional[int], resume:
     if 2 in stages and 1 not in stages and manifest["stages"]["stage1"]["status"] != "completed":
         raise RunError(f"stage 2 of run {run_id} starts from the stage-1 adapter, and stage 1 has not completed; "
                        f"train stage 1 first (scripts/train.py --run-id {run_id} --stage 1)")
+    for number in stages:
+        distributed.check_batch(world, number, config.training.stage(number).batch_size)
     backend = resolve_backend(config)
     if backend[0] == "transformers" and config.base_model.quantization != "none" and not _cuda():
         from trainer.transformers_trainer import quantization_error

@@ -205,7 +205,7 @@ class TransformersBackend(Backend):
                           "optimizer": get_optimizer_state_dict(self.model, self._inner_optimizer, options=options)}
 
     def save_adapter(self, folder: Path) -> None:
-        state = (self._gathered or {}).get("model")
+        state = self._gathered.get("model")
         self.peft.save_pretrained(str(folder), state_dict=state)
 
     def save_state(self, folder: Path) -> None:
