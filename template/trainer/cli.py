@@ -8,7 +8,9 @@ readable summary and errors go to stderr. The MCP server relies on this contract
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -58,7 +60,7 @@ def run(main: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Nam
         traceback.print_exc()
         return _fail(args, "internal_error", f"{type(error).__name__}: {error}", {})
     if args.json:
-        print(json.dumps(result, default=str))
+        emit(result)
     else:
         show(result)
     return 0
@@ -66,7 +68,26 @@ def run(main: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Nam
 
 def _fail(args: argparse.Namespace, kind: str, message: str, details: dict[str, Any]) -> int:
     if args.json:
-        print(json.dumps({"error": {"type": kind, "message": message, **details}}, default=str))
+        emit({"error": {"type": kind, "message": message, **details}})
     else:
         print(f"error: {message}", file=sys.stderr)
     return 1
+
+
+def emit(obj: dict[str, Any]) -> None:
+    """Print `obj` as one JSON line in a single write(2).
+
+    Under a launcher every rank shares one stdout pipe; print() may write the text and its
+    newline separately (unbuffered launchers), so two ranks' lines could interleave. One
+    write of up to PIPE_BUF (4 KiB) bytes to a pipe is atomic.
+    """
+    text = json.dumps(obj, default=str) + "\n"
+    sys.stdout.flush()  # anything printed before goes first
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # a captured, in-memory stdout
+        sys.stdout.write(text)
+        return
+    view = memoryview(text.encode())
+    while view:
+        view = view[os.write(fd, view):]
