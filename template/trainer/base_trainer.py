@@ -252,16 +252,18 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
     world = backend.world
     result = StageResult(iterations=plan.iterations,
                          resumed_from=plan.start_iteration or None)
-    valid_rows = eval_rows(plan.valid, plan.batch_size, plan.val_batches)
+    valid = []  # this rank's share of each validation batch, collated once for every evaluation
+    for rows in eval_rows(plan.valid, plan.batch_size, plan.val_batches):
+        mine, weight = world.shard(rows), 1
+        if not len(mine):  # a short last batch: run a row anyway, FSDP gathers weights in every forward
+            mine, weight = rows[:1], 0
+        valid.append((collate(plan.valid, mine, backend.pad_id, backend.pad_multiple), weight))
     started = time.perf_counter()
 
     def validate() -> float:
         total, count = 0.0, 0
-        for rows in valid_rows:
-            mine, weight = world.shard(rows), 1
-            if not len(mine):  # a short last batch: run a row anyway, FSDP gathers weights in every forward
-                mine, weight = rows[:1], 0
-            loss_sum, tokens = backend.loss_sums([collate(plan.valid, mine, backend.pad_id, backend.pad_multiple)])
+        for batch, weight in valid:
+            loss_sum, tokens = backend.loss_sums([batch])
             total, count = total + weight * loss_sum, count + weight * tokens
         total, count = world.sum([total, count])
         return total / max(count, 1)
@@ -279,7 +281,7 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
             getattr(callback, f"on_{kind}_loss_report")(info)
         return info
 
-    if plan.start_iteration == 0 and valid_rows:
+    if plan.start_iteration == 0 and valid:
         result.val_loss_before = validate()
         report("val", 0, val_loss=result.val_loss_before, train_loss=None)
 
@@ -320,7 +322,7 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
             result.target_tokens += window_targets
             result.seconds += window_time
             window_loss, window_steps, window_tokens, window_time, window_targets = 0.0, 0, 0, 0.0, 0
-        if valid_rows and (iteration % plan.eval_steps == 0 or last):
+        if valid and (iteration % plan.eval_steps == 0 or last):
             result.val_loss = validate()
             report("val", iteration, val_loss=result.val_loss, train_loss=None)
         if iteration % plan.save_steps == 0 or last or stopping:

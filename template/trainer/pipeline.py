@@ -185,11 +185,13 @@ def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None
               quiet: bool = False) -> dict[str, Any]:
     """Train the run's stages (or one); returns the run's result. Raises TrainingError,
     Cancelled or RunError with the run's files left consistent."""
-    world = distributed.world_for(resolve_backend(RunManager(config).run_config(run_id))[0])
+    run_config = RunManager(config).run_config(run_id)
+    backend = resolve_backend(run_config)
+    world = distributed.world_for(backend[0])
     manager = RunManager(config) if world.main else Follower(config)
     run_dir = manager.run_dir(run_id)
     with manager.lock(run_id) as found:
-        stages, backend = check_request(manager, run_id, stage, resume, world)  # refusals change nothing
+        stages = check_request(manager, run_id, run_config, backend, stage, resume, world)  # refusals change nothing
         handler = logging.FileHandler(run_dir / "train.log") if world.main else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
@@ -199,7 +201,7 @@ def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None
         stop = {"requested": False}
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
         try:
-            return _train(manager, run_id, stages, backend, resume, quiet or not world.main,
+            return _train(manager, run_id, run_config, stages, backend, resume, quiet or not world.main,
                           lambda: stop["requested"], world)
         except (TrainingError, RunError) as error:
             _end(manager, run_id, "cancelled" if isinstance(error, Cancelled) else "failed", str(error))
@@ -227,11 +229,10 @@ def _end(manager: RunManager, run_id: str, status: str, error: str) -> None:
     log.error("%s: %s", status, error)
 
 
-def check_request(manager: RunManager, run_id: str, only: Optional[int], resume: bool,
-                  world: distributed.World) -> tuple[list[int], tuple]:
-    """The stages to train and the backend, or a RunError/TrainingError for a request that
-    cannot be served; nothing is written either way."""
-    config = manager.run_config(run_id)
+def check_request(manager: RunManager, run_id: str, config: FineTuningConfig, backend: tuple[str, str],
+                  only: Optional[int], resume: bool, world: distributed.World) -> list[int]:
+    """The stages to train, or a RunError/TrainingError for a request that cannot be served
+    (by the run's `config` with the resolved `backend`); nothing is written either way."""
     manifest = manager.manifest(run_id)
     stages = [only] if only else list(range(1, config.training.num_stages + 1))
     if only and f"stage{only}" not in manifest["stages"]:
@@ -244,18 +245,16 @@ def check_request(manager: RunManager, run_id: str, only: Optional[int], resume:
                        f"train stage 1 first (scripts/train.py --run-id {run_id} --stage 1)")
     for number in stages:
         distributed.check_batch(world, number, config.training.stage(number).batch_size)
-    backend = resolve_backend(config)
     if backend[0] == "transformers" and config.base_model.quantization != "none" and not _cuda():
         from trainer.transformers_trainer import quantization_error
 
         raise quantization_error(config.base_model.quantization)
-    return stages, backend
+    return stages
 
 
-def _train(manager: RunManager, run_id: str, stages: list[int], backend: tuple[str, str], resume: bool,
-           quiet: bool, stop, world: distributed.World) -> dict[str, Any]:
+def _train(manager: RunManager, run_id: str, config: FineTuningConfig, stages: list[int], backend: tuple[str, str],
+           resume: bool, quiet: bool, stop, world: distributed.World) -> dict[str, Any]:
     run_dir = manager.run_dir(run_id)
-    config = manager.run_config(run_id)
     only = len(stages) == 1 and config.training.num_stages > 1
     backend_name, reason = backend
     manager.update_manifest(run_id, lambda m: m["backend"].update(resolved=backend_name, reason=reason,
