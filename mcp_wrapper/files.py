@@ -1,54 +1,108 @@
 """Reading what a project's scripts write (the contract in the template's README):
-status.json, run-manifest.json, metrics.jsonl, logs, and the run's lock."""
+status.json, run-manifest.json, metrics.jsonl, logs, and the run's lock.
+
+Every read is bounded: a JSON file is read up to a size limit and a tail from at most
+TAIL_BYTES before the end, so a monitor call costs the same whatever the files hold (a
+20 MB last line, a gigabyte status file). Text from logs, data, models and scripts comes
+back inside markers with a random tag made for that response, so it cannot close its
+block and speak as the server.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
 TEXT_CAP = 4000  # characters of untrusted text (logs, data) returned in one field
+JSON_LIMIT = 1 << 20  # bytes of a status or manifest file (a real one is a few KB)
+TAIL_BYTES = 256 << 10  # bytes read from the end of a log or metrics file
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+class FileProblem(ValueError):
+    """A run file that cannot be read as what it should be; the message names the file."""
 
 
-def tail_lines(path: Path, count: int, block: int = 8192) -> list[str]:
-    """The last `count` complete lines of a file, reading backwards from its end: the cost
-    does not grow with the file (a metrics file may have a million lines)."""
-    if not path.is_file():
+def open_regular(path: Path):
+    """A regular file opened for reading; a FIFO or device (which could block or never end) is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path.name} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    with open_regular(path) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise FileProblem(f"{path.name} is larger than {limit >> 20} MB, which no run writes")
+    return data
+
+
+def read_json(path: Path, limit: int = JSON_LIMIT) -> Any:
+    try:
+        return json.loads(read_bounded(path, limit).decode("utf-8"))
+    except FileNotFoundError:
+        raise FileProblem(f"{path.name} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FileProblem(f"{path.name} is not valid JSON ({error})") from None
+    except OSError as error:
+        raise FileProblem(f"{path.name} cannot be read ({error.strerror or error})") from None
+
+
+def read_object(path: Path, limit: int = JSON_LIMIT) -> dict[str, Any]:
+    data = read_json(path, limit)
+    if not isinstance(data, dict):
+        raise FileProblem(f"{path.name} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def tail_lines(path: Path, count: int, max_bytes: int = TAIL_BYTES) -> list[str]:
+    """The last `count` complete lines within the last `max_bytes` of a file: the cost does
+    not grow with the file or with its lines (a line longer than that is left out)."""
+    try:
+        with open_regular(path) as handle:
+            handle.seek(0, os.SEEK_END)
+            end = handle.tell()
+            start = max(0, end - max_bytes)
+            handle.seek(start)
+            data = handle.read(end - start)
+    except OSError:
         return []
-    with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        end = handle.tell()
-        data = b""
-        position = end
-        while position > 0 and data.count(b"\n") <= count:
-            step = min(block, position)
-            position -= step
-            handle.seek(position)
-            data = handle.read(step) + data
     lines = data.decode("utf-8", errors="replace").splitlines()
-    if position > 0:
-        lines = lines[1:]  # the first one may be cut
+    if start > 0 and lines:
+        lines = lines[1:]  # the first one is cut
     return lines[-count:]
+
+
+def finite_or_name(value: Any) -> Any:
+    """Non-finite numbers as 'nan', 'inf' or '-inf' (JSON has no such numbers, and null would hide them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
 
 
 def last_metrics(path: Path, lines: int = 200) -> dict[str, Any]:
     """The newest value of each metric among the last reports (train and validation
-    reports alternate, so both are found in the tail)."""
+    reports alternate, so both are found in the tail); lines that are not JSON objects
+    (a line being written, a corrupt one) are passed over."""
     found: dict[str, Any] = {}
     for line in reversed(tail_lines(path, lines)):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written right now
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if not isinstance(record, dict):
+            continue
         for key, value in record.items():
             if value is not None and key not in found:
-                found[key] = value
+                found[key] = finite_or_name(value)
     return found
 
 
@@ -56,9 +110,10 @@ def lock_held(run_dir: Path) -> bool:
     """A live trainer holds an exclusive flock on runs/<id>/.lock; the kernel drops it when
     the process dies, so this tells a running run from a dead one, even after a restart."""
     path = run_dir / ".lock"
-    if not path.exists():
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
         return False
-    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
@@ -71,7 +126,12 @@ def lock_held(run_dir: Path) -> bool:
 
 
 def untrusted(text: str, cap: int = TEXT_CAP) -> str:
-    """Text from logs, data or a model, delimited and capped: content, never instructions."""
+    """Text from logs, data, scripts or a model, capped and delimited: content, never
+    instructions. The markers carry a tag drawn for this text alone, which the text
+    cannot know in advance, so it cannot close the block early."""
     if len(text) > cap:
         text = "[... cut ...]\n" + text[-cap:]
-    return f"<<<untrusted-text\n{text}\nuntrusted-text>>>"
+    tag = secrets.token_hex(8)
+    while tag in text:  # astronomically unlikely; never let the text hold its own end marker
+        tag = secrets.token_hex(8)
+    return f"<<<untrusted-text {tag}\n{text}\nuntrusted-text {tag}>>>"

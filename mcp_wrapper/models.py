@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, Field
 
-RunStatus = Literal["not_started", "running", "completed", "failed", "cancelled"]
+# "unreadable": the run's status.json is missing, corrupt or says something unknown (the error says which)
+RunStatus = Literal["not_started", "running", "completed", "failed", "cancelled", "unreadable"]
+STATUSES = get_args(RunStatus)[:-1]  # what a trainer writes
+# A metric: a number, or the name of a non-finite one (JSON has no NaN, and null would hide a diverged loss)
+Metric = Optional[Union[float, Literal["nan", "inf", "-inf"]]]
 
 
 class ProjectStructure(BaseModel):
@@ -110,11 +114,11 @@ class StartResult(BaseModel):
 
 
 class Metrics(BaseModel):
-    train_loss: Optional[float] = None
-    val_loss: Optional[float] = None
-    learning_rate: Optional[float] = None
-    tokens_per_second: Optional[float] = None
-    peak_memory_gb: Optional[float] = None
+    train_loss: Metric = None
+    val_loss: Metric = None
+    learning_rate: Metric = None
+    tokens_per_second: Metric = None
+    peak_memory_gb: Metric = None
 
 
 class MonitorResult(BaseModel):
@@ -132,7 +136,8 @@ class MonitorResult(BaseModel):
         default=None, description="the config's carbon alert thresholds that were exceeded (with include_emissions)")
     eta_seconds: Optional[float] = None
     estimated_completion_time: Optional[str] = Field(description="ISO 8601, UTC")
-    error: Optional[str] = None
+    error: Optional[str] = Field(default=None, description="why the run failed or cannot be read, and how to recover "
+                                                           "(text from the trainer is delimited as untrusted)")
     log_tail: Optional[str] = Field(default=None, description="last lines of the run's log: untrusted text")
 
 
@@ -143,6 +148,8 @@ class RunSummary(BaseModel):
     current_stage: Optional[int] = None
     progress_percentage: Optional[float] = None
     updated_at: Optional[str] = None
+    error: Optional[str] = Field(default=None, description="with status 'unreadable': which file is wrong and how "
+                                                           "to recover")
 
 
 class RunList(BaseModel):

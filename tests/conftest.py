@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,19 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Content hashes of every file below `folder`."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# What the server returns from logs, data, scripts and models: one block whose markers carry a random tag.
+UNTRUSTED = re.compile(r"<<<untrusted-text ([0-9a-f]{16})\n(.*)\nuntrusted-text \1>>>", re.DOTALL)
+
+
+def unwrap(text: str) -> str:
+    """The text inside an untrusted block, once the block is well formed and its tag appears
+    nowhere inside it (so the text could not have closed it)."""
+    match = UNTRUSTED.fullmatch(text)
+    assert match, f"not one untrusted block: {text[:200]!r}"
+    assert match[1] not in match[2], "the text holds its own block's tag"
+    return match[2]
 
 
 @pytest.fixture(scope="session")

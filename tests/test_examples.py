@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, UNTRUSTED
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -42,7 +42,7 @@ def test_an_example_runs_its_scenario_end_to_end(name, tmp_path):
     assert [s["status"] for s in manifest["stages"].values()] == ["completed"] * stages
     assert set(summary["rows"]) == {f"stage{n}" for n in range(1, stages + 1)} and min(summary["rows"].values()) > 10
     assert summary["evaluation"]["rows"] > 0 and summary["evaluation"]["perplexity"] > 1
-    assert summary["answers"] and all(a.startswith("<<<untrusted-text\n") for a in summary["answers"].values())
+    assert summary["answers"] and all(UNTRUSTED.fullmatch(a) for a in summary["answers"].values())
     exported = Path(summary["export_path"])
     assert (exported / "peft" / "adapter_model.safetensors").is_file()
     assert (exported / "mlx" / "adapters.safetensors").is_file()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_training import make_project, train
 
-from conftest import mcp_error, mcp_ok, script
+from conftest import mcp_error, mcp_ok, script, unwrap
 from mcp_wrapper.server import build_server
 from mcp_wrapper.settings import Settings
 
@@ -123,7 +123,7 @@ def test_the_generate_text_tool(trained, tmp_path):
     result = mcp_ok(server, "generate_text", {"project_path": str(project), "run_id": runs["mlx"].name,
                                               "prompt": PROMPTS[1], "max_tokens": TOKENS})
     expected = direct(project, runs["mlx"], "mlx", [{"role": "user", "content": PROMPTS[1]}])
-    assert result["response"] == f"<<<untrusted-text\n{expected}\nuntrusted-text>>>"
+    assert unwrap(result["response"]) == expected
     assert result["model"]["backend"] == "mlx" and result["max_tokens"] == TOKENS
     dash = mcp_ok(server, "generate_text", {"project_path": str(project), "run_id": runs["mlx"].name,
                                             "prompt": "-5 plus 3?", "system": "-be brief", "max_tokens": 4})

@@ -53,7 +53,8 @@ def test_run_ids_and_data_paths_cannot_escape(layout):
         assert "is not allowed" in mcp_error(server, "monitor_training_progress",
                                              {"project_path": project, "run_id": run_id})
     (outside / "train.jsonl").write_text('{"messages": []}\n')
-    for path in (str(outside / "train.jsonl"), f"{root}/link/train.jsonl", "../outside/train.jsonl"):
+    # relative paths are the project's: ../../outside leaves root/p and then the root
+    for path in (str(outside / "train.jsonl"), f"{root}/link/train.jsonl", "../../outside/train.jsonl"):
         text = mcp_error(server, "configure_training_run", {"project_path": project, "run_name": "r",
                                                             "training_data": {"train_dataset": path}})
         assert "outside the allowed roots" in text

@@ -12,10 +12,12 @@ QUESTIONS = questionnaire()
 
 # Every question a wrong value is possible for: (bad value, answers it depends on).
 BAD_ANSWERS = {
-    "project_name": [("My Project", {}), ("9lives", {}), ("trailing-", {})],
-    "project_version": [("version one", {})],
-    "model_id": [("not an id", {}), ("", {"model_type": "custom"})],
-    "model_local_path": [('bad"path', {})],
+    # "x\n" cases: a regex with '$' would accept a trailing newline (it needs a full match)
+    "project_name": [("My Project", {}), ("9lives", {}), ("trailing-", {}), ("p9\n", {})],
+    "project_description": [("one\ntwo", {}), ("tab\there", {}), ("nul\x00", {})],
+    "project_version": [("version one", {}), ("1.0.0\n", {})],
+    "model_id": [("not an id", {}), ("", {"model_type": "custom"}), ("a/b\n", {})],
+    "model_local_path": [('bad"path', {}), ("models/x\ncarbon_tracking:", {})],
     "stage1_iterations": [(0, {})],
     "stage1_learning_rate": [(0, {}), (1.5, {})],
     "stage1_batch_size": [(0, {})],
@@ -33,10 +35,10 @@ BAD_ANSWERS = {
     "lora_rank": [(0, {}), (4096, {})],
     "lora_alpha": [(0, {})],
     "lora_dropout": [(1.0, {})],
-    "lora_target_modules": [("q_proj", {}), ([], {}), (["q proj"], {}), ({"q_proj": 1}, {})],
+    "lora_target_modules": [("q_proj", {}), ([], {}), (["q proj"], {}), ({"q_proj": 1}, {}), (["q_proj\n"], {})],
     "lora_num_layers": [(0, {}), (-2, {})],
     "export_formats": [("gguf", {}), (["onnx"], {}), ({"gguf": 1}, {})],
-    "instruction_field": [("bad!", {}), ("", {})],
+    "instruction_field": [("bad!", {}), ("", {}), ("instruction\n", {})],
     "input_field": [("bad!", {})],
     "system_field": [("bad!", {})],
     "output_field": [("bad!", {}), ("instruction", {"instruction_field": "instruction"})],
@@ -47,11 +49,11 @@ BAD_ANSWERS = {
     "test_split": [(0.5, {}), (0, {})],
     "quality_weight_multiplier": [(0.5, {})],
     "quality_threshold": [(1.5, {})],
-    "carbon_project_name": [("  ", {})],
-    "carbon_country_iso_code": [("usa", {}), ("US", {})],
-    "mlflow_tracking_uri": [("::nope", {"enable_mlflow": True})],
-    "wandb_project": [("has space", {"enable_wandb": True})],
-    "hf_repo_prefix": [("-bad", {"enable_huggingface_upload": True})],
+    "carbon_project_name": [("  ", {}), ("x\ny", {})],
+    "carbon_country_iso_code": [("usa", {}), ("US", {}), ("USA\n", {})],
+    "mlflow_tracking_uri": [("::nope", {"enable_mlflow": True}), ("mlruns\nx: 1", {"enable_mlflow": True})],
+    "wandb_project": [("has space", {"enable_wandb": True}), ("w\n", {"enable_wandb": True})],
+    "hf_repo_prefix": [("-bad", {"enable_huggingface_upload": True}), ("me\n", {"enable_huggingface_upload": True})],
 }
 CHOICE_ANSWERS = {"model_type": "gpt", "quantization": "q3", "num_stages": 3, "backend": "jax", "dataset_format": "xml"}
 
@@ -67,7 +69,7 @@ def test_every_free_question_has_a_validator_and_a_failing_case():
     """Questions without choices that are not booleans or prose need a validator, and
     every validator appears in BAD_ANSWERS (so this file tests it)."""
     for name, spec in QUESTIONS.items():
-        if "choices" in spec or spec["type"] == "bool" or name == "project_description":
+        if "choices" in spec or spec["type"] == "bool":
             continue
         assert "validator" in spec, f"{name} can take a wrong value but has no validator"
     with_validator = {n for n, s in QUESTIONS.items() if "validator" in s}

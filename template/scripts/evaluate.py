@@ -15,13 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer import cli  # noqa: E402
+from trainer import cli, guard  # noqa: E402
 from trainer.evaluation import evaluate_run  # noqa: E402
 
 
 def main(args) -> dict:
     config = cli.config_from(args)
-    test = Path(args.test_data).resolve() if args.test_data else None
+    test = guard.check_path(args.test_data, "the test data (--test-data)") if args.test_data else None
     return evaluate_run(config, args.run_id, args.stage, test, include_base=not args.no_base,
                         max_samples=args.max_samples)
 

@@ -6,6 +6,12 @@
     python scripts/generate.py --export exports/ID-stage1-huggingface --prompt "..."
     python scripts/generate.py --run-id ID --chat                          # interactive; an empty line ends it
     python scripts/generate.py --prompt "..."                              # the base model alone
+    echo '{"prompt": "...", "system": "..."}' | python scripts/generate.py --request-stdin --json
+
+--request-stdin reads the prompt and the system message as one JSON object: text of any kind
+(a leading '-', a NUL, megabytes) arrives exactly as sent, with no argv limits (the MCP
+server uses it). The prompt and system message together may take at most
+training.max_seq_length tokens after the chat template.
 
 Greedy by default (--temperature 0); the prompt goes through the model's chat template, as
 in training. Engine: --backend, else the one that trained the run, else mlx, then transformers.
@@ -13,17 +19,32 @@ in training. Engine: --backend, else the one that trained the run, else mlx, the
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import cli  # noqa: E402
-from trainer.generation import GenerationError, check_options, load_model, reply  # noqa: E402
+from trainer.generation import GenerationError, check_length, check_options, load_model, reply  # noqa: E402
+
+
+def request(args) -> None:
+    """--request-stdin: the prompt and system message from one JSON object on stdin."""
+    try:
+        sent = json.loads(sys.stdin.read())
+    except ValueError as error:
+        raise GenerationError(f"--request-stdin: stdin is not one JSON object: {error}") from None
+    if not isinstance(sent, dict) or not isinstance(sent.get("prompt"), str) or not isinstance(
+            sent.get("system") or "", str):
+        raise GenerationError('--request-stdin: expected {"prompt": "...", "system": "..." or null}')
+    args.prompt, args.system = sent["prompt"], sent.get("system") or None
 
 
 def main(args) -> dict:
     config = cli.config_from(args)
+    if args.request_stdin:
+        request(args)
     if not args.chat and args.prompt is None:
         raise GenerationError("give --prompt TEXT (or --prompt - to read it from stdin), or --chat")
     settings = config.evaluation.generation
@@ -36,8 +57,9 @@ def main(args) -> dict:
     model = load_model(config, args.run_id, args.stage, Path(args.export) if args.export else None, args.backend)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if not args.chat:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = sys.stdin.read() if args.prompt == "-" and not args.request_stdin else args.prompt
         messages.append({"role": "user", "content": prompt})
+        check_length(model, messages, config.training.max_seq_length)
         return {"model": model.description, **options, "prompt": prompt, "response": reply(model, messages, **options)}
     turns = []
     interactive = sys.stdin.isatty()
@@ -71,6 +93,8 @@ if __name__ == "__main__":
     parser.add_argument("--prompt", help="the user message; - reads it from stdin")
     parser.add_argument("--chat", action="store_true", help="a conversation: one user turn per stdin line")
     parser.add_argument("--system", help="a system message before the conversation")
+    parser.add_argument("--request-stdin", action="store_true",
+                        help='read {"prompt": ..., "system": ...} as JSON from stdin (no --prompt/--system)')
     parser.add_argument("--max-tokens", type=int, help="default: evaluation.generation.max_tokens")
     parser.add_argument("--temperature", type=float, help="0 is greedy (default: evaluation.generation.temperature)")
     parser.add_argument("--top-p", type=float, help="default: evaluation.generation.top_p")

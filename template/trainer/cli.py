@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from trainer import guard
 from trainer.config import DEFAULT_CONFIG, ConfigError, FineTuningConfig, load_config
 from trainer.errors import ProjectError
 
@@ -30,7 +31,9 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def config_from(args: argparse.Namespace) -> FineTuningConfig:
-    return load_config(args.config)
+    config = load_config(args.config)
+    guard.check_config(config)  # a request through the MCP server: every folder inside its roots
+    return config
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

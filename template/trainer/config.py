@@ -25,6 +25,11 @@ DEFAULT_CONFIG = PROJECT_ROOT / "config" / "fine_tuning_config.yaml"
 ARCHITECTURES = {"olmo": "olmo2", "llama": "llama", "mistral": "mistral", "custom": "llama"}
 
 
+# Kinds of fields that are not plain values (trainer.guard holds requests from outside to them);
+# fields typed Path are paths without saying so.
+GLOBS, CODE, ENDPOINT, STORE = ({"guard": kind} for kind in ("globs", "code", "endpoint", "store"))
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; `problems` lists one message per bad key."""
 
@@ -164,8 +169,9 @@ class LoraSection(Section):
 
 class DatasetSection(Section):
     format: Literal["jsonl", "csv", "parquet"] = "jsonl"
-    raw_files: list[str] = Field(default_factory=lambda: ["data/raw/*.jsonl"], min_length=1)
-    stage2_raw_files: list[str] = Field(default_factory=lambda: ["data/raw/stage2/*.jsonl"], min_length=1)
+    raw_files: list[str] = Field(default_factory=lambda: ["data/raw/*.jsonl"], min_length=1, json_schema_extra=GLOBS)
+    stage2_raw_files: list[str] = Field(default_factory=lambda: ["data/raw/stage2/*.jsonl"], min_length=1,
+                                        json_schema_extra=GLOBS)
     processed_dir: Path = Path("data/processed")
     reports_dir: Path = Path("data/quality_reports")
     record_format: Literal["chat", "completions"] = "chat"
@@ -215,7 +221,7 @@ class CarbonSection(Section):
     project_name: str = Field(default="fine-tuning", min_length=1)
     country_iso_code: str = Field(default="USA", pattern=r"^[A-Z]{3}$")
     offline_mode: bool = True
-    emissions_endpoint: Optional[str] = None
+    emissions_endpoint: Optional[str] = Field(default=None, json_schema_extra=ENDPOINT)
     output_dir: Path = Path("emissions")
     tracking_mode: Literal["process", "machine"] = "process"
     measure_power_secs: float = Field(default=15, gt=0)
@@ -224,7 +230,7 @@ class CarbonSection(Section):
     offset_price_usd_per_tonne: float = Field(default=15.0, ge=0)
     # 'package.module:function' called as function(config, run_id, stage), returning a tracker with
     # CodeCarbon's start/stop/flush/final_emissions_data; empty: CodeCarbon's own
-    tracker_factory: Optional[str] = None
+    tracker_factory: Optional[str] = Field(default=None, json_schema_extra=CODE)
     alerts: CarbonAlerts = CarbonAlerts()
 
     @field_validator("tracker_factory", mode="before")
@@ -238,7 +244,7 @@ class CarbonSection(Section):
 
 class MlflowSection(Section):
     enabled: bool = False
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    tracking_uri: str = Field(default="sqlite:///mlruns/mlflow.db", json_schema_extra=STORE)
     experiment_name: str = "fine-tuning"
     log_emissions: bool = True
 
@@ -267,7 +273,8 @@ class EvaluationSection(Section):
     metrics: list[Literal["perplexity", "accuracy", "bleu", "chrf"]] = Field(
         default_factory=lambda: ["perplexity", "accuracy", "bleu", "chrf"]
     )
-    custom_metrics: list[str] = Field(default_factory=list, description="'package.module:function' names")
+    custom_metrics: list[str] = Field(default_factory=list, description="'package.module:function' names",
+                                      json_schema_extra=CODE)
     stage1_threshold: float = Field(default=0.7, ge=0, le=1)
     stage2_threshold: float = Field(default=0.7, ge=0, le=1)
     sequential_threshold: float = Field(default=0.6, ge=0, le=1)

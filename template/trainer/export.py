@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer import gguf_export, hub, model_card
+from trainer import export_target, gguf_export, hub, model_card
 from trainer.config import ARCHITECTURES, EXPORT_FORMATS, FineTuningConfig
 from trainer.export_engines import ExportError, adapter_into, fuse_mlx, merge_hf, model_type
 from trainer.files import TEMP_PREFIX, write_atomic
@@ -165,12 +165,8 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
                                         f"{run_config.project.name}-stage{stage}-{fmt}")
             if not dry_run and hub_api is None:
                 hub.require_token()  # before the export is built, not after
-        target = (output if output is not None else default_path(config, run_id, stage, fmt, chosen)).resolve()
-        if target.exists() and not overwrite:
-            raise ExportError(f"export path {target} already exists; pass overwrite to replace it",
-                              details={"export_path": str(target)})
-        if target.exists() and not target.is_dir():
-            raise ExportError(f"export path {target} is a file; exports are folders")
+        target = export_target.check(config, output if output is not None else default_path(
+            config, run_id, stage, fmt, chosen), overwrite)
         source = run_config.model_source()
         adapter = run_dir / f"stage{stage}" / "adapters"
         name = f"{run_config.project.name}-stage{stage}"
@@ -184,6 +180,8 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
                            name)
             how = usage(fmt, target, merged, source, facts.get("gguf_file"))
             write_atomic(building / "README.md", model_card.render(manifest, run_dir, stage, fmt, merged, how))
+            export_target.mark(building, config, {"run_id": run_id, "stage": stage, "export_format": fmt,
+                                                  "created_at": now()})
             if target.exists():  # overwrite: the old export goes only once the new one is complete
                 retired = target.parent / f"{TEMP_PREFIX}{target.name}-old-{os.getpid()}"
                 target.rename(retired)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer import guard
 from trainer.base_trainer import Backend
 from trainer.config import FineTuningConfig
 from trainer.errors import ProjectError
@@ -76,7 +77,7 @@ def load_model(config: FineTuningConfig, run_id: Optional[str] = None, stage: Op
         source = config.model_source()
         description = {"run_id": run_id, "stage": stage, "adapter": str(adapter)}
     elif export:
-        export = export.resolve()
+        export = guard.check_path(export, "the export folder")
         if not export.is_dir():
             raise GenerationError(f"export not found: {export}")
         if list(export.glob("*.gguf")):
@@ -104,6 +105,16 @@ def load_model(config: FineTuningConfig, run_id: Optional[str] = None, stage: Op
 
 def chat_prompt(model: Model, messages: list[dict[str, str]]) -> str:
     return model.backend.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def check_length(model: Model, messages: list[dict[str, str]], limit: int) -> int:
+    """The chat prompt's length in tokens, refused above `limit` (the context the run trained for)."""
+    count = len(model.backend.prompt_ids(chat_prompt(model, messages)))
+    if count > limit:
+        raise GenerationError(f"the prompt and system message take {count} tokens with the chat template; at most "
+                              f"{limit} are allowed (training.max_seq_length): shorten them",
+                              details={"prompt_tokens": count, "limit": limit})
+    return count
 
 
 def check_options(max_tokens: int, temperature: float, top_p: float) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer.errors import ProjectError
+from trainer.export_target import MARKER
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -21,7 +22,7 @@ class UploadError(ProjectError):
 
 
 def check_repo_id(repo_id: str) -> str:
-    if not REPO_ID.match(repo_id or ""):
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id):
         raise UploadError(f"hf_repo_id '{repo_id}' must look like 'user-or-org/model-name'")
     return repo_id
 
@@ -39,7 +40,8 @@ def require_token() -> str:
 
 
 def files_of(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    """The export's files, less its marker (which names a local path: never uploaded)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
 
 
 def upload(folder: Path, repo_id: str, private: bool, dry_run: bool = False, api: Any = None) -> dict[str, Any]:
@@ -59,7 +61,7 @@ def upload(folder: Path, repo_id: str, private: bool, dry_run: bool = False, api
     try:
         repo = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   commit_message=f"Upload {folder.name}")
+                                   commit_message=f"Upload {folder.name}", ignore_patterns=[MARKER])
     except Exception as error:  # the Hub's errors vary; say which step failed, never the token
         raise UploadError(f"upload to {repo_id} failed: {type(error).__name__}: {error}") from None
     result["url"] = str(getattr(repo, "url", None) or url)

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import yaml
 
+from trainer import guard
 from trainer.config import FineTuningConfig, load_config
 from trainer.errors import ProjectError
 from trainer.files import clean_temporaries, read_json, sha256_file, write_json
@@ -69,11 +70,13 @@ class RunManager:
     def configure(self, name: str, data: Optional[dict[int, dict[str, Optional[Path]]]] = None,
                   overrides: Optional[dict[str, Any]] = None, config_path: Optional[Path] = None) -> dict[str, Any]:
         """Create a run: directories, a config snapshot, copies of its data with hashes, the manifest."""
-        if not RUN_NAME.match(name):
+        if not RUN_NAME.fullmatch(name):
             raise RunError(f"run name '{name}' must start with a letter or digit and use only letters, digits, "
                            ". _ - (at most 81 characters)")
+        guard.check_overrides(FineTuningConfig, overrides or {})
         config = load_config(config_path or self.config.source, overrides=overrides, root=self.config.root) if (
             overrides or config_path) else self.config
+        guard.check_config(config)
         stages = list(range(1, config.training.num_stages + 1))
         data = dict(data or {})
         for stage in stages:
@@ -174,7 +177,7 @@ class RunManager:
             if path is None:
                 checked[split] = None
                 continue
-            path = self.config.resolve(path)
+            path = guard.check_path(self.config.resolve(path), f"stage {stage} {split} data")
             if not path.is_file():
                 hint = " (run scripts/prepare_dataset.py first)" if stage == 1 else (
                     " (stage 2 needs its own domain data: prepare it with scripts/prepare_dataset.py "
@@ -199,10 +202,11 @@ class RunManager:
 
     def run_dir(self, run_id: str) -> Path:
         path = self.runs_dir / run_id
-        if not RUN_NAME.match(run_id) or not (path / "run-manifest.json").is_file():
+        if not RUN_NAME.fullmatch(run_id) or not (path / "run-manifest.json").is_file():
             known = [r["run_id"] for r in self.list_runs()][-10:]
             raise RunError(f"unknown run id '{run_id}'; known runs: {', '.join(known) or 'none yet'}",
                            details={"run_id": run_id, "known": known})
+        guard.check_tree(path, f"the run folder runs/{run_id}")  # symlinks in it would lead writes out
         return path
 
     def manifest(self, run_id: str) -> dict[str, Any]:
@@ -210,7 +214,9 @@ class RunManager:
 
     def run_config(self, run_id: str) -> FineTuningConfig:
         """The config snapshot the run trains with (environment overrides were applied at configure time)."""
-        return load_config(self.run_dir(run_id) / "config.yaml", environ={}, root=self.config.root)
+        config = load_config(self.run_dir(run_id) / "config.yaml", environ={}, root=self.config.root)
+        guard.check_config(config)
+        return config
 
     def update_manifest(self, run_id: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Read, change and atomically rewrite the manifest (call while holding the run's lock)."""

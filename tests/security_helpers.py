@@ -1,0 +1,52 @@
+"""What the security suites share: a layout with an allowed root, a folder outside it and
+a sibling that shares its prefix; a fingerprint of everything below the layout; and a
+way to replace a project folder by a link for the length of one attack."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+# A lock file's holder line is rewritten by whoever takes the lock, and Python writes its
+# bytecode caches: neither is the user's data.
+NOT_DATA = {".lock", "__pycache__"}
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Hashes of every file and the targets of every link below `folder` (links are not
+    followed, so a link that leads out is recorded, not read through)."""
+    seen = {}
+    for path in sorted(folder.rglob("*")):
+        parts = set(path.relative_to(folder).parts)
+        if parts & NOT_DATA:
+            continue
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            seen[key] = "-> " + str(path.readlink())
+        elif path.is_file():
+            seen[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return seen
+
+
+@contextlib.contextmanager
+def linked_out(path: Path, outside: Path) -> Iterator[Path]:
+    """Replace `path` (a folder or file of a project) by a link to a copy of it outside the
+    roots for the duration; put it back afterwards. Yields the copy outside."""
+    copy = outside / f"{path.parent.name}-{path.name}"
+    moved = path.with_name(path.name + ".moved-away")
+    if path.exists():
+        shutil.copytree(path, copy, symlinks=True) if path.is_dir() else shutil.copy2(path, copy)
+        path.rename(moved)
+    else:
+        copy.mkdir(parents=True)
+    path.symlink_to(copy, target_is_directory=copy.is_dir())
+    try:
+        yield copy
+    finally:
+        path.unlink()
+        if moved.exists():
+            moved.rename(path)
+        shutil.rmtree(copy) if copy.is_dir() else copy.unlink()
