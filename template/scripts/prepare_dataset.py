@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import cli  # noqa: E402
-from trainer.dataset_preparator import prepare  # noqa: E402
+from trainer.dataset_preparator import DatasetError, plan, write  # noqa: E402
 
 
 def main(args) -> dict:
@@ -27,9 +27,16 @@ def main(args) -> dict:
     if args.stage == 2 and config.training.num_stages != 2:
         raise cli.ProjectError("--stage 2: this project trains one stage (training.num_stages is 1)")
     if args.stage or inputs or config.training.num_stages == 1:
-        return prepare(config, inputs, stage=args.stage or 1, **options)
-    # both stages: stage 1's summary at the top level, stage 2's under "stage2"
-    return {**prepare(config, stage=1, **options), "stage2": prepare(config, stage=2, **options)}
+        return write([plan(config, inputs, stage=args.stage or 1, **options)])[0]
+    # both stages, all or nothing: stage 1's summary at the top level, stage 2's under "stage2"
+    first = plan(config, stage=1, **options)
+    try:
+        second = plan(config, stage=2, **options)
+    except DatasetError as error:
+        raise DatasetError(f"stage 2: {error} (stage 1's data validated, and was not written either)",
+                           details=error.details) from None
+    one, two = write([first, second])
+    return {**one, "stage2": two}
 
 
 def show(result: dict) -> None:

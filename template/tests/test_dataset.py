@@ -258,3 +258,71 @@ def test_script_json_contract(project):
     assert bad.returncode == 1
     error = json.loads(bad.stdout.strip().splitlines()[-1])["error"]
     assert error["type"] == "dataset_error" and error["errors"][0]["line"] == 1
+
+
+def test_byte_order_marks_from_spreadsheets_and_editors_are_accepted(config, project):
+    d = config.dataset
+    table = project / "data" / "raw" / "excel.csv"
+    with table.open("w", newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8"
+        writer = csv.writer(handle)
+        writer.writerow([d.instruction_field, d.output_field])
+        writer.writerows([[f"Q{i}?", f"A{i}."] for i in range(5)])
+    lines = project / "data" / "raw" / "bom.jsonl"
+    lines.write_text("".join(json.dumps(good_row(config, i)) + "\n" for i in range(5)), encoding="utf-8-sig")
+    result = prepare(config, [table, lines])
+    assert result["counts"]["accepted"] == 10 and result["counts"]["rejected"] == 0
+
+
+def test_bytes_that_are_not_utf8_name_file_line_and_offset(config, project):
+    path = project / "data" / "raw" / "binary.jsonl"
+    first = (json.dumps(good_row(config, 1)) + "\n").encode()
+    path.write_bytes(first + b'{"x": "\xff\xfe"}\n')
+    with pytest.raises(DatasetError) as caught:
+        prepare(config, [path])
+    assert f"data/raw/binary.jsonl, line 2: not UTF-8 text (byte b'\\xff' at byte offset {len(first) + 7}" \
+        in str(caught.value)
+    table = project / "data" / "raw" / "latin1.csv"
+    table.write_bytes(b"a,b\nok,fine\ncaf\xe9,x\n")
+    with pytest.raises(DatasetError, match=r"data/raw/latin1.csv, line 3: not UTF-8 text"):
+        prepare(config, [table])
+    nul = project / "data" / "raw" / "nul.csv"
+    nul.write_bytes(b"a,b\nx\x00y,z\n")
+    with pytest.raises(DatasetError, match=r"data/raw/nul.csv, line \d: not readable as CSV"):
+        prepare(config, [nul])
+    assert not (project / "data" / "processed").exists(), "nothing is written"
+
+
+def test_a_corrupt_parquet_file_is_named(config, project):
+    pytest.importorskip("pyarrow")
+    path = project / "data" / "raw" / "broken.parquet"
+    path.write_bytes(b"PAR1" + bytes(range(256)) * 4)
+    with pytest.raises(DatasetError, match=r"data/raw/broken.parquet: not a readable parquet file"):
+        prepare(config, [path])
+
+
+def test_both_stages_are_written_or_neither(config, project):
+    """scripts/prepare_dataset.py prepares every stage; a bad stage-2 file leaves stage 1 untouched."""
+    config_path = project / "config" / "fine_tuning_config.yaml"
+    if config.training.num_stages != 2:
+        pytest.skip("a one-stage project")
+    script = ROOT / "scripts" / "prepare_dataset.py"
+    run = [sys.executable, str(script), "--config", str(config_path), "--json"]
+    assert subprocess.run(run, capture_output=True, text=True, check=False).returncode == 0
+    sample = next(p for p in sorted((project / "data" / "raw").iterdir()) if p.is_file())
+    if sample.suffix == ".csv":  # a new stage-1 row, so that stage 1's outputs would change
+        with sample.open(newline="") as handle:
+            header = next(csv.reader(handle))
+        with sample.open("a", newline="") as handle:
+            csv.DictWriter(handle, header).writerow(good_row(config, 1000))
+    else:
+        with sample.open("a") as handle:
+            handle.write(json.dumps(good_row(config, 1000)) + "\n")
+    bad_name = f"zz-bad.{config.dataset.format}"
+    (project / "data" / "raw" / "stage2" / bad_name).write_text("{oops\n")
+    before = snapshot(project / "data" / "processed")
+    bad = subprocess.run(run, capture_output=True, text=True, check=False)
+    assert bad.returncode == 1
+    error = json.loads(bad.stdout.strip().splitlines()[-1])["error"]
+    assert error["message"].startswith("stage 2: ") and "stage 1's data validated, and was not written" \
+        in error["message"] and bad_name in error["message"]
+    assert snapshot(project / "data" / "processed") == before

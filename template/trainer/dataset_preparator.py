@@ -8,6 +8,8 @@ training backends read. A quality report goes to data/quality_reports/.
 
 Any invalid row is an error naming file, line (or parquet row) and field, and nothing
 is written; with skip_invalid the rows are dropped and listed in the report instead.
+Preparing happens in two steps, plan (read, validate, split, build the report) and write,
+so that a run over both stages writes nothing unless both validate.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 import math
 import random
@@ -26,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer import weighting
+from trainer import guard, weighting
 from trainer.config import DatasetSection, FineTuningConfig
 from trainer.errors import ProjectError
 from trainer.files import sha256_file, write_atomic
@@ -93,8 +96,8 @@ def find_inputs(dataset: DatasetSection, root: Path, stage: int = 1) -> list[Pat
         full = full if full.is_absolute() else root / full
         for match in sorted(glob.glob(str(full))):
             path = Path(match)
-            if path.is_file():
-                found.setdefault(path.resolve(), None)
+            if path.is_file():  # a link in data/raw to a file outside the roots is refused
+                found.setdefault(guard.check_path(path, f"dataset.{key}: {match}"), None)
     if not found:
         where = "data/raw/" if stage == 1 else "data/raw/stage2/"
         raise DatasetError(
@@ -109,11 +112,50 @@ def file_format(path: Path, default: str) -> str:
     return FORMATS.get(path.suffix.lower(), default)
 
 
+BOM = b"\xef\xbb\xbf"  # spreadsheets save "CSV UTF-8" with it; some editors put it in JSONL too
+
+
+def _not_utf8(raw: bytes, error: UnicodeDecodeError, start: int) -> str:
+    """Why `raw` (read from byte offset `start` of its file) is refused."""
+    return (f"not UTF-8 text (byte {raw[error.start:error.start + 1]!r} at byte offset {start + error.start} "
+            "of the file); save it as UTF-8")
+
+
+def _csv_text(path: Path, name: str) -> str:
+    """The whole CSV as text (BOM dropped); bytes that are not UTF-8 are an error naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DatasetError(f"{name}, line {line}: {_not_utf8(raw, error, 0)}") from None
+
+
+def _parquet(path: Path, name: str, schema_only: bool = False):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as error:
+        raise DatasetError(f"{name}: reading parquet needs pyarrow (pip install pyarrow)") from error
+    try:
+        return pq.read_schema(path) if schema_only else pq.read_table(path)
+    except (OSError, ValueError) as error:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DatasetError(f"{name}: not a readable parquet file ({error})") from None
+
+
 def read_rows(path: Path, fmt: str, name: str) -> Iterator[tuple[int, Any]]:
     """(line or row number, raw row) pairs; a row that cannot be parsed is a RowError."""
     if fmt == "jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
+        offset = 0
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                start, offset = offset, offset + len(raw)
+                if number == 1 and raw.startswith(BOM):
+                    raw, start = raw[len(BOM):], start + len(BOM)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    yield number, RowError(name, number, None, _not_utf8(raw, error, start))
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -121,9 +163,9 @@ def read_rows(path: Path, fmt: str, name: str) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as error:
                     yield number, RowError(name, number, None, f"malformed JSON ({error.msg} at column {error.colno})")
     elif fmt == "csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            start = 2
+        reader = csv.DictReader(io.StringIO(_csv_text(path, name), newline=""))
+        start = 2
+        try:
             for row in reader:
                 if None in row:
                     columns = len(reader.fieldnames or [])
@@ -131,27 +173,24 @@ def read_rows(path: Path, fmt: str, name: str) -> Iterator[tuple[int, Any]]:
                 else:
                     yield start, row
                 start = reader.line_num + 1
+        except csv.Error as error:  # a NUL byte, a field over the csv module's size limit
+            raise DatasetError(f"{name}, line {reader.line_num}: not readable as CSV ({error})") from None
     elif fmt == "parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as error:
-            raise DatasetError(f"{name}: reading parquet needs pyarrow (pip install pyarrow)") from error
-        table = pq.read_table(path)
-        for number, row in enumerate(table.to_pylist(), 1):
+        for number, row in enumerate(_parquet(path, name).to_pylist(), 1):
             yield number, row
     else:
         raise DatasetError(f"{name}: unsupported format '{fmt}' (supported: jsonl, csv, parquet)")
 
 
-def columns_of(path: Path, fmt: str) -> Optional[list[str]]:
+def columns_of(path: Path, fmt: str, name: str) -> Optional[list[str]]:
     """The header of a csv or the schema of a parquet file (None for jsonl)."""
     if fmt == "csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            return next(csv.reader(handle), [])
+        try:
+            return next(csv.reader(io.StringIO(_csv_text(path, name), newline="")), [])
+        except csv.Error as error:
+            raise DatasetError(f"{name}, line 1: not readable as CSV ({error})") from None
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(path).names)
+        return list(_parquet(path, name, schema_only=True).names)
     return None
 
 
@@ -375,10 +414,11 @@ def collect(config: FineTuningConfig, inputs: list[Path]) -> Preparation:
     for path in inputs:
         if not path.is_file():
             raise DatasetError(f"input file not found: {path}")
+        guard.check_path(path, "an input file")
         name = _display(path, config.root)
         fmt = file_format(path, dataset.format)
         unit = "row" if fmt == "parquet" else "line"
-        columns = columns_of(path, fmt)
+        columns = columns_of(path, fmt, name)
         has_chat = columns is not None and ("messages" in columns or {"prompt", "completion"} <= set(columns))
         missing = [c for c in required if columns is not None and c not in columns and not has_chat]
         if missing:
@@ -416,7 +456,15 @@ def _display(path: Path, root: Path) -> str:
         return str(path)
 
 
-def prepare(
+@dataclass
+class Plan:
+    """A validated stage, ready to write: the files' texts and the summary to return."""
+
+    writes: dict[Path, str]
+    summary: dict[str, Any]
+
+
+def plan(
     config: FineTuningConfig,
     inputs: Optional[list[Path]] = None,
     *,
@@ -424,11 +472,14 @@ def prepare(
     output_dir: Optional[Path] = None,
     skip_invalid: bool = False,
     tokenizer_path: Optional[Path] = None,
-) -> dict[str, Any]:
-    """Prepare one stage's processed splits and quality report; returns a summary.
-    Stage 1 writes to dataset.processed_dir, stage 2 to its stage2/ folder."""
+) -> Plan:
+    """Read, validate and split one stage's data; raises DatasetError before anything is written.
+    Stage 1 goes to dataset.processed_dir, stage 2 to its stage2/ folder."""
     dataset = config.dataset
     paths = [Path(p).resolve() for p in inputs] if inputs else find_inputs(dataset, config.root, stage)
+    out_dir = output_dir or config.resolve(dataset.processed_dir) / ("" if stage == 1 else "stage2")
+    out_dir = guard.check_path(out_dir, "the output folder")
+    reports_dir = guard.check_path(config.resolve(dataset.reports_dir), "dataset.reports_dir")
     prepared = collect(config, paths)
 
     if prepared.errors and not skip_invalid:
@@ -437,26 +488,30 @@ def prepare(
         raise DatasetError(
             f"{len(prepared.errors)} invalid row(s); nothing was written "
             f"(use --skip-invalid to drop them):\n{shown}{more}",
-            details={"errors": [asdict(e) for e in prepared.errors[:MAX_LISTED_ERRORS]]},
+            details={"errors": [asdict(e) for e in prepared.errors[:MAX_LISTED_ERRORS]], "stage": stage},
         )
     if not prepared.examples:
         raise DatasetError(
-            f"no valid rows in {', '.join(i['path'] for i in prepared.inputs) or 'the input files'}",
-            details={"errors": [asdict(e) for e in prepared.errors[:MAX_LISTED_ERRORS]]},
+            f"no valid rows in {', '.join(i['path'] for i in prepared.inputs) or 'the input files'}; "
+            "nothing was written",
+            details={"errors": [asdict(e) for e in prepared.errors[:MAX_LISTED_ERRORS]], "stage": stage},
         )
 
     splits = split(prepared.examples, dataset, config.training.seed)
-    out_dir = output_dir or config.resolve(dataset.processed_dir) / ("" if stage == 1 else "stage2")
+    writes: dict[Path, str] = {}
     outputs = {}
     for name in SPLITS:
         path = out_dir / f"{name}.jsonl"
         records = (to_record(e, dataset.record_format) for e in splits[name])
         text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        write_atomic(path, text)
-        outputs[name] = {"path": _display(path, config.root), "rows": len(splits[name]), "sha256": sha256_file(path)}
+        writes[path] = text
+        outputs[name] = {"path": _display(path, config.root), "rows": len(splits[name]),
+                         "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
     if tokenizer_path is None and config.base_model.local_path is not None:
         tokenizer_path = config.resolve(config.base_model.local_path)
+    if tokenizer_path is not None:
+        tokenizer_path = guard.check_path(tokenizer_path, "the tokenizer folder")
     tokenizer = load_tokenizer(tokenizer_path)
     now = datetime.now(timezone.utc)
     report = {
@@ -482,16 +537,28 @@ def prepare(
                                        config.training.quality_threshold, config.training.quality_weighting),
         **quality_report(prepared.examples, tokenizer, config.training.max_seq_length),
     }
-    reports_dir = config.resolve(dataset.reports_dir)
     label = "" if stage == 1 else "_stage2"
     report_path = reports_dir / f"quality_report{label}_{now.strftime('%Y%m%dT%H%M%SZ')}.json"
     text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    write_atomic(report_path, text)
-    write_atomic(reports_dir / f"latest{label}.json", text)
-    return {
+    writes[report_path] = text
+    writes[reports_dir / f"latest{label}.json"] = text
+    return Plan(writes, {
         "counts": report["counts"],
         "outputs": outputs,
         "report": _display(report_path, config.root),
         "rejected": report["rejected"][:20],
         "length_unit": report["lengths"]["unit"],
-    }
+    })
+
+
+def write(plans: list[Plan]) -> list[dict[str, Any]]:
+    """Write validated plans (each file atomically); returns their summaries."""
+    for each in plans:
+        for path, text in each.writes.items():
+            write_atomic(path, text)
+    return [each.summary for each in plans]
+
+
+def prepare(config: FineTuningConfig, inputs: Optional[list[Path]] = None, **options: Any) -> dict[str, Any]:
+    """Plan and write one stage (see plan); returns its summary."""
+    return write([plan(config, inputs, **options)])[0]

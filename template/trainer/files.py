@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -57,3 +58,34 @@ def clean_temporaries(folder: Path) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+class Reserve:
+    """Disk space set aside while a run trains: when the disk fills up, freeing it leaves room
+    to record why the run stopped (status, manifest, log). Its name starts with TEMP_PREFIX,
+    so a killed run's reserve is cleaned with the other leftovers."""
+
+    SIZE = 2 << 20
+
+    def __init__(self, folder: Path):
+        self.path = folder / f"{TEMP_PREFIX}reserve"
+
+    def hold(self) -> None:
+        """Allocate the reserve; OSError (ENOSPC) when the disk cannot spare it."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, self.SIZE)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.write(fd, bytes(self.SIZE))  # a file system without fallocate
+                os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            self.release()
+            raise
+        os.close(fd)
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)

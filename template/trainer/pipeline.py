@@ -37,7 +37,7 @@ from trainer.base_trainer import (
 )
 from trainer.config import FineTuningConfig
 from trainer.emissions import StageEmissions
-from trainer.files import write_json
+from trainer.files import Reserve, write_json
 from trainer.tracking import Tracking, flatten
 from trainer.training_data import Sampler, quality_weights, read_records, tokenize
 from trainer.training_run_manager import RunError, RunManager, now
@@ -192,6 +192,7 @@ def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None
     run_dir = manager.run_dir(run_id)
     with manager.lock(run_id) as found:
         stages = check_request(manager, run_id, run_config, backend, stage, resume, world)  # refusals change nothing
+        reserve = _reserve(run_dir, run_id) if world.main else None
         handler = logging.FileHandler(run_dir / "train.log") if world.main else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
@@ -204,28 +205,48 @@ def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None
             return _train(manager, run_id, run_config, stages, backend, resume, quiet or not world.main,
                           lambda: stop["requested"], world)
         except (TrainingError, RunError) as error:
-            _end(manager, run_id, "cancelled" if isinstance(error, Cancelled) else "failed", str(error))
+            _end(manager, run_id, "cancelled" if isinstance(error, Cancelled) else "failed", str(error), reserve)
             raise
         except BaseException as error:
-            _end(manager, run_id, "failed", f"{type(error).__name__}: {error}")
+            _end(manager, run_id, "failed", f"{type(error).__name__}: {error}", reserve)
             log.exception("failed")
             raise
         finally:
+            if reserve is not None:
+                reserve.release()
             signal.signal(signal.SIGTERM, previous)
             log.removeHandler(handler)
             handler.close()
 
 
-def _end(manager: RunManager, run_id: str, status: str, error: str) -> None:
-    """Record how the run ended, in the status and on the stage that was running."""
-    manager.write_status(run_id, status=status, error=error, finished_at=now())
+def _reserve(run_dir: Path, run_id: str) -> Reserve:
+    """Hold the run's disk reserve, or refuse to start (nothing written) on a disk too full for it."""
+    reserve = Reserve(run_dir)
+    try:
+        reserve.hold()
+    except OSError as error:
+        raise RunError(f"run {run_id} cannot start: the disk holding {run_dir} cannot spare "
+                       f"{Reserve.SIZE >> 20} MiB ({error.strerror}); free some space and start it again",
+                       details={"run_id": run_id}) from None
+    return reserve
+
+
+def _end(manager: RunManager, run_id: str, status: str, error: str, reserve: Optional[Reserve] = None) -> None:
+    """Record how the run ended, in the status and on the stage that was running. The disk
+    reserve is freed first: after ENOSPC this is what makes room for the record."""
+    if reserve is not None:
+        reserve.release()
 
     def mark(manifest: dict[str, Any]) -> None:
         for entry in manifest["stages"].values():
             if entry["status"] == "running":
                 entry.update(status=status, error=error)
 
-    manager.update_manifest(run_id, mark)
+    try:
+        manager.write_status(run_id, status=status, error=error, finished_at=now())
+        manager.update_manifest(run_id, mark)
+    except OSError as failure:  # the cause still reaches the log and the script's error output
+        log.error("could not record the end of the run: %s", failure)
     log.error("%s: %s", status, error)
 
 

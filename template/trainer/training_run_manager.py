@@ -228,9 +228,15 @@ class RunManager:
         return manifest
 
     def write_status(self, run_id: str, **fields: Any) -> dict[str, Any]:
+        """Update status.json; a status file that cannot be read (garbage, not an object) is
+        started afresh, so that resuming a run repairs it."""
         path = self.run_dir(run_id) / "status.json"
-        status = read_json(path) if path.is_file() else {"run_id": run_id}
-        status.update(fields, updated_at=now())
+        try:
+            status = read_json(path) if path.is_file() else {}
+        except (OSError, ValueError):
+            status = {}
+        status = status if isinstance(status, dict) else {}
+        status.update(fields, run_id=run_id, updated_at=now())
         write_json(path, status)
         return status
 
