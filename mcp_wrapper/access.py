@@ -79,7 +79,7 @@ class ProjectAccess:
         env.pop(CLIENT_ROOTS_ENV, None)
         if client_roots:
             env[CLIENT_ROOTS_ENV] = os.pathsep.join(map(str, client_roots))
-        scratch = project / ".tmp"
+        scratch = self.path(project / ".tmp", "the project's .tmp folder", client_roots)
         scratch.mkdir(exist_ok=True)
         env["TMPDIR"] = str(scratch)
         return env

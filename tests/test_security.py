@@ -76,12 +76,12 @@ def test_a_project_name_that_is_a_link_is_not_followed(env):
         (env["root"] / "evil").unlink()
 
 
-@pytest.mark.parametrize("folder", ["runs", "data/processed", "scripts", "trainer", "config"])
+@pytest.mark.parametrize("folder", ["runs", "data/processed", "scripts", "trainer", "config", ".tmp"])
 def test_project_folders_that_lead_outside_are_refused(env, folder):
     with linked_out(env["project"] / folder, env["outside"]):
         text = refused(env, "configure_training_run", project_args(env, run_name="r"), "outside")
         wanted = {"runs": "paths.runs_dir", "data/processed": "dataset.processed_dir", "scripts": "scripts/",
-                  "trainer": "trainer/", "config": "config/"}[folder]
+                  "trainer": "trainer/", "config": "config/", ".tmp": ".tmp folder"}[folder]
         assert wanted in text
 
 
