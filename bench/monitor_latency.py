@@ -3,7 +3,9 @@
     python bench/monitor_latency.py [--sizes 1000 100000 1000000] [--calls 50]
 
 monitor_training_progress reads status.json and the tail of metrics.jsonl, so its cost
-should not grow with the file. Prints p50/p95 per size and the median copy time.
+should not grow with the file. Prints p50/p95 per size and the median copy time, then the
+hostile files of issue 13: a 20 MB last line in metrics.jsonl, a 50 MB status.json, and
+list_runs over a project holding both.
 """
 
 from __future__ import annotations
@@ -76,6 +78,35 @@ def main() -> None:
             assert seen.metrics.train_loss == 1.2345 and seen.current_iteration == size
             print(f"monitor, {size:>9,} metric lines ({megabytes:7.1f} MB): p50 {percentile(timings, 0.5):6.2f} ms, "
                   f"p95 {percentile(timings, 0.95):6.2f} ms")
+        hostile(tools, project, args.calls)
+
+
+def timed(call, calls: int) -> str:
+    timings = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        timings.append((time.perf_counter() - start) * 1000)
+    return f"p50 {percentile(timings, 0.5):6.2f} ms, p95 {percentile(timings, 0.95):6.2f} ms"
+
+
+def hostile(tools: Tools, project: Path, calls: int) -> None:
+    """Files a hostile dataset or a broken writer could leave: the monitor reads bounded tails."""
+    write_run(project, "long-line", 10)
+    with (project / "runs" / "long-line" / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"stage": 1, "iteration": 11, "note": "x" * 20_000_000}) + "\n")
+    print("monitor, a 20 MB last metrics line:       "
+          + timed(lambda: tools.monitor(str(project), "long-line", True, False, None), calls))
+    write_run(project, "huge-status", 10)
+    (project / "runs" / "huge-status" / "status.json").write_text(
+        json.dumps({"status": "running", "padding": "y" * 50_000_000}))
+    seen = tools.monitor(str(project), "huge-status", True, False, None)
+    assert seen.status == "unreadable", seen.status
+    print("monitor, a 50 MB status.json (unreadable): "
+          + timed(lambda: tools.monitor(str(project), "huge-status", True, False, None), calls))
+    runs = len(tools.list_runs(str(project), None).runs)
+    print(f"list_runs over {runs} runs, both above among them: "
+          + timed(lambda: tools.list_runs(str(project), None), max(5, calls // 5)))
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ OVERRIDES_REFUSED = (
     "huggingface.upload_staging_dir, a local mlflow.tracking_uri) must resolve inside the allowed roots "
     "(relative paths are the project's); refused outright: carbon_tracking.tracker_factory and "
     "evaluation.custom_metrics (they name code to import), carbon_tracking.emissions_endpoint and an "
-    "mlflow.tracking_uri that names a server on another machine (they send data away). A user may still write those into "
-    "config/fine_tuning_config.yaml by hand.")
+    "mlflow.tracking_uri that names a server on another machine (they send data away). A user may still write "
+    "those into config/fine_tuning_config.yaml by hand.")
 
 
 async def client_roots(ctx: Optional[Context]) -> Optional[list[Path]]:

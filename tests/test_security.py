@@ -20,7 +20,7 @@ import time
 
 import anyio
 import pytest
-from mcp import Client, types
+from mcp import types
 
 from conftest import mcp_call, mcp_error, mcp_ok, unwrap
 from mcp_wrapper import files

@@ -71,7 +71,8 @@ def test_attacks_over_stdio_are_refused_and_change_nothing(tmp_path):
             subprocess.run([sys.executable, "scripts/make_tiny_model.py", "--no-verify", "--json"], cwd=project,
                            check=True, capture_output=True)
             (outside / "x.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 5)
-            await refused(client, "prepare_dataset", {"project_path": project, "input_files": ["../../outside/x.jsonl"]},
+            await refused(client, "prepare_dataset", {"project_path": project,
+                                                      "input_files": ["../../outside/x.jsonl"]},
                           "outside the allowed roots")
             await ok(client, "prepare_dataset", {"project_path": project})
             p = {"project_path": project}
