@@ -80,7 +80,7 @@ class ProjectAccess:
         if client_roots:
             env[CLIENT_ROOTS_ENV] = os.pathsep.join(map(str, client_roots))
         scratch = self.path(project / ".tmp", "the project's .tmp folder", client_roots)
-        scratch.mkdir(exist_ok=True)
+        scratch.mkdir(exist_ok=True)  # generated projects have it (.tmp/.gitignore); older ones get it here
         env["TMPDIR"] = str(scratch)
         return env
 

@@ -36,6 +36,17 @@ RECOVER = ("if no process runs it, start_training with resume=true rewrites the 
            "or configure a new run")
 
 
+def _timestamp(value: Any) -> Optional[str]:
+    """An ISO timestamp read from a run file, or None for anything else."""
+    if not isinstance(value, str) or len(value) > 40:
+        return None
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return value
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -100,7 +111,8 @@ class RunTools(ProjectAccess):
                         return result
         return {"error": {"message": "no result; see " + str(log_file)}}
 
-    def estimate_minutes(self, project: Path, run_dir: Path, stage: Optional[int]) -> Optional[int]:
+    def estimate_minutes(self, project: Path, run_dir: Path, stage: Optional[int],
+                         client_roots: Optional[list[Path]] = None) -> Optional[int]:
         """Minutes for this run at the pace of the project's last completed run (None without one)."""
         try:
             manifest = read_object(run_dir / "run-manifest.json")
@@ -109,7 +121,9 @@ class RunTools(ProjectAccess):
         except (FileProblem, KeyError, TypeError, AttributeError):
             return None
         for other in sorted(run_dir.parent.glob("*/run-manifest.json"), reverse=True):
-            with contextlib.suppress(FileProblem, KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError):
+            with contextlib.suppress(FileProblem, ToolError, KeyError, TypeError, ValueError, AttributeError,
+                                     ZeroDivisionError):  # a run folder that leads outside is passed over
+                other = self.path(other, f"runs/{other.parent.name}/run-manifest.json", client_roots)
                 for entry in read_object(other)["stages"].values():
                     if entry.get("status") == "completed" and entry.get("started_at") and entry.get("completed_at"):
                         seconds = (datetime.fromisoformat(entry["completed_at"])
@@ -124,7 +138,8 @@ class RunTools(ProjectAccess):
         status = self.monitor(str(project), run_id, False, False, client_roots).status
         return StartResult(
             success=True, run_id=run_id, training_started=True, status=status, pid=proc.pid,
-            estimated_duration_minutes=self.estimate_minutes(project, run_dir, stage), log_file=str(log_file),
+            estimated_duration_minutes=self.estimate_minutes(project, run_dir, stage, client_roots),
+            log_file=str(log_file),
             monitor_command=f"monitor_training_progress(project_path={str(project)!r}, run_id={run_id!r})")
 
     def monitor(self, project_value: str, run_id: str, include_emissions: bool, include_log: bool,
@@ -138,7 +153,7 @@ class RunTools(ProjectAccess):
             status = read_object(self.run_file(run_dir, "status.json", client_roots))
             state = status.get("status", "not_started")
             if state not in STATUSES:
-                raise FileProblem(f"status.json has an unknown status {str(state)[:40]!r}")
+                raise FileProblem(f"status.json has an unknown status (not one of {', '.join(STATUSES)})")
         except FileProblem as problem:
             return MonitorResult(
                 run_id=run_id, status="unreadable", process_alive=alive, current_stage=None, current_iteration=None,
@@ -189,11 +204,11 @@ class RunTools(ProjectAccess):
                                        error=str(error)))
                 continue
             updated = None
-            with contextlib.suppress(FileProblem):
-                updated = read_object(run_dir / "status.json").get("updated_at")
+            with contextlib.suppress(FileProblem, ToolError, AttributeError):
+                updated = _timestamp(read_object(self.run_file(run_dir, "status.json", client_roots)).get("updated_at"))
             runs.append(RunSummary(run_id=run_dir.name, status=seen.status, process_alive=seen.process_alive,
                                    current_stage=seen.current_stage, progress_percentage=seen.progress_percentage,
-                                   updated_at=updated if isinstance(updated, str) else None,
+                                   updated_at=updated,
                                    error=seen.error if seen.status == "unreadable" else None))
         return RunList(project_path=str(project), runs=runs)
 
@@ -208,13 +223,17 @@ class RunTools(ProjectAccess):
         if not holder:
             raise ToolError(f"cannot tell which process runs {run_dir.name}: its .lock names no pid")
         pid = int(holder[1])
-        fds = Path(f"/proc/{pid}/fd")
-        if fds.is_dir():
-            inode = lock.stat().st_ino
-            with contextlib.suppress(OSError):
-                if not any(os.stat(fd).st_ino == inode for fd in fds.iterdir()):
-                    raise ToolError(f"process {pid} named by runs/{run_dir.name}/.lock does not hold the lock; "
-                                    "nothing was signalled")
+        if not Path("/proc/self/fd").is_dir():
+            return pid  # no /proc (macOS): the lock is held, and the pid is the one its holder wrote
+        lock_id = (lock.stat().st_dev, lock.stat().st_ino)
+        try:
+            holds = any((lambda st: (st.st_dev, st.st_ino))(os.stat(fd)) == lock_id
+                        for fd in Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            holds = False  # gone, or not ours to inspect: never signalled on trust
+        if not holds:
+            raise ToolError(f"process {pid} named by runs/{run_dir.name}/.lock cannot be confirmed to hold the "
+                            "lock; nothing was signalled")
         return pid
 
     def cancel(self, project_value: str, run_id: str, grace_seconds: float,
@@ -240,7 +259,8 @@ class RunTools(ProjectAccess):
             self._record_kill(run_dir, grace_seconds, client_roots)
         last = None
         for checkpoint in sorted(run_dir.glob("stage*/checkpoints/iter-*/checkpoint.json"), reverse=True):
-            with contextlib.suppress(FileProblem):
+            with contextlib.suppress(FileProblem, ToolError):
+                checkpoint = self.run_file(run_dir, str(checkpoint.relative_to(run_dir)), client_roots)
                 last = _number(read_object(checkpoint).get("iteration"), int)
                 break
         state = self.monitor(str(project), run_id, False, False, client_roots).status
@@ -257,5 +277,8 @@ class RunTools(ProjectAccess):
         status.update(status="cancelled", error=f"killed after {grace_seconds:.0f} s without stopping on SIGTERM",
                       updated_at=_now().isoformat(timespec="seconds"))
         tmp = run_dir / f".tmp-status.json.{os.getpid()}"
-        tmp.write_text(json.dumps(status, indent=2))
+        tmp.unlink(missing_ok=True)  # a link planted there is removed, never written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(status, indent=2))
         os.replace(tmp, path)

@@ -77,8 +77,16 @@ async def client_roots(ctx: Optional[Context]) -> Optional[list[Path]]:
                 listed = await ctx.session.list_roots()
     except Exception:  # a timeout, a client error, a session without a back channel
         return None
-    roots = [Path(unquote(urlparse(str(root.uri)).path)).resolve()
-             for root in listed.roots if str(root.uri).startswith("file://")]
+    roots = []
+    for root in listed.roots:
+        uri = str(root.uri)
+        if not uri.startswith("file://"):
+            continue
+        try:
+            roots.append(Path(unquote(urlparse(uri).path)).resolve())
+        except (ValueError, OSError, RuntimeError):  # a NUL, a loop: refused, not dropped (dropping widens)
+            raise ToolError(f"the client's root {uri[:200]!r} is not a usable folder path; fix the client's "
+                            "roots") from None
     return roots or None
 
 

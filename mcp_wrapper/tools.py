@@ -49,13 +49,27 @@ PATH_ANSWERS = {"model_local_path": "base_model.local_path"}
 STORE_ANSWERS = {"mlflow_tracking_uri": "integrations.mlflow_tracking_uri"}
 
 
+GIT_TIMEOUT = 300
+
+
 def _git(project: Path, *args: str, check: bool = True) -> str:
     env = {**GIT_IDENTITY, **os.environ}
-    proc = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          env=env, check=False)
-    if check and proc.returncode != 0:
-        raise ToolError(f"git {args[0]} failed in {project}: {proc.stderr.strip()[-500:]}")
+    try:
+        proc = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              env=env, check=False, timeout=GIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"git {args[0]} did not finish within {GIT_TIMEOUT} s in {project}") from None
+    if check and proc.returncode != 0:  # git's message may quote the project's file names
+        raise ToolError(f"git {args[0]} failed in {project}:\n" + untrusted(proc.stderr.strip()[-500:]))
     return proc.stdout
+
+
+def _rejected_line(error: Any) -> str:
+    if not isinstance(error, dict):
+        return str(error)
+    where = f"{error.get('file')}" + (f", {error.get('unit', 'line')} {error.get('line')}" if error.get("line") else "")
+    field = f"field '{error.get('field')}': " if error.get("field") else ""
+    return f"{where}: {field}{error.get('reason')}"
 
 
 class Tools(RunTools):
@@ -157,9 +171,9 @@ class Tools(RunTools):
                             "&& git commit -m 'before update')")
         dirty = _git(project, "status", "--porcelain").strip()
         if dirty:
-            shown = "\n".join(dirty.splitlines()[:20])
+            shown = "\n".join(dirty.splitlines()[:20])  # file names are the user's (or a dataset's) text
             raise ToolError(f"{project} has uncommitted changes; commit or stash them first (copier update merges "
-                            f"into a clean git tree):\n{shown}")
+                            f"into a clean git tree):\n" + untrusted(shown))
         before = yaml.safe_load(answers_file.read_text()) or {}
         source = str(before.get("_src_path") or self.settings.template)
         if not is_git_source(source):
@@ -217,7 +231,11 @@ class Tools(RunTools):
             args.append("--skip-invalid")
         result = self.script(project, "prepare_dataset.py", args, client_roots)
         stages = {"stage2": result.pop("stage2")} if "stage2" in result else {}
-        return PrepareResult(success=True, stages={f"stage{stage or 1}": result, **stages})
+        stages = {f"stage{stage or 1}": result, **stages}
+        for summary in stages.values():  # rejected rows quote the data: one delimited block
+            if isinstance(summary, dict) and summary.get("rejected"):
+                summary["rejected"] = untrusted("\n".join(_rejected_line(e) for e in summary["rejected"]))
+        return PrepareResult(success=True, stages=stages)
 
     def configure(self, project_value: str, run_name: str, training_data: dict[str, Optional[str]],
                   override_params: Optional[dict[str, Any]], client_roots: Optional[list[Path]]) -> ConfigureResult:

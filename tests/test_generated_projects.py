@@ -18,7 +18,8 @@ import tomllib
 from conftest import script
 
 SOURCES = {
-    ".copier-answers.yml", ".env.example", ".gitignore", "README.md", "pyproject.toml", "requirements.txt",
+    ".copier-answers.yml", ".env.example", ".gitignore", ".tmp/.gitignore",
+    "README.md", "pyproject.toml", "requirements.txt",
     "config/fine_tuning_config.yaml",
     "trainer/__init__.py", "trainer/adapters.py", "trainer/base_trainer.py", "trainer/cli.py", "trainer/config.py",
     "trainer/dataset_preparator.py", "trainer/distributed.py", "trainer/emissions.py", "trainer/errors.py",

@@ -110,7 +110,8 @@ def test_attacks_over_stdio_are_refused_and_change_nothing(tmp_path):
             await anyio.sleep(3600)
 
         # a client that declares roots and never answers roots/list: the call still completes, soon
-        async with Client(params, read_timeout_seconds=120, list_roots_callback=never_answers) as client:
+        async with Client(params, read_timeout_seconds=120, list_roots_callback=never_answers,
+                          mode="legacy") as client:  # roots/list exists in the handshake-era protocol
             started = time.monotonic()
             result = await client.call_tool("list_runs", {"project_path": project})
             assert not result.is_error, result.content[0].text

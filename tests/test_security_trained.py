@@ -101,6 +101,30 @@ def test_an_earlier_export_is_replaced_and_carries_its_marker(env):
 
 
 @pytest.mark.slow
+def test_overwrite_never_deletes_what_was_put_into_an_earlier_export(env):
+    """An earlier export that has since received a project, a user's file or a link is not
+    replaced: only the files the export wrote may go."""
+    folder = env["export"]
+    placed = [folder / "notes.txt", folder / "p2" / "config" / "fine_tuning_config.yaml"]
+    try:
+        for path in placed:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("the user's")
+            refused(env, "export_model", export(env, export_path=str(folder), overwrite=True),
+                    "the export did not write", path.relative_to(folder).parts[0])
+            path.unlink()
+        (folder / "link").symlink_to(env["outside"])
+        refused(env, "export_model", export(env, export_path=str(folder), overwrite=True), "link (not a regular")
+    finally:
+        (folder / "link").unlink(missing_ok=True)
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for empty in (folder / "p2" / "config", folder / "p2"):
+            if empty.is_dir():
+                empty.rmdir()
+
+
+@pytest.mark.slow
 def test_an_exports_folder_that_leads_outside_is_refused(env):
     with linked_out(env["project"] / "exports", env["outside"]) as copy:
         before = fingerprint(copy)

@@ -285,10 +285,10 @@ def test_bytes_that_are_not_utf8_name_file_line_and_offset(config, project):
     table.write_bytes(b"a,b\nok,fine\ncaf\xe9,x\n")
     with pytest.raises(DatasetError, match=r"data/raw/latin1.csv, line 3: not UTF-8 text"):
         prepare(config, [table])
-    nul = project / "data" / "raw" / "nul.csv"
-    nul.write_bytes(b"a,b\nx\x00y,z\n")
-    with pytest.raises(DatasetError, match=r"data/raw/nul.csv, line \d: not readable as CSV"):
-        prepare(config, [nul])
+    huge = project / "data" / "raw" / "huge.csv"  # one cell over the csv module's 16 MiB field limit
+    huge.write_text(f"{config.dataset.instruction_field},{config.dataset.output_field}\nq,{'x' * (17 << 20)}\n")
+    with pytest.raises(DatasetError, match=r"data/raw/huge.csv, line 2: not readable as CSV \(field larger"):
+        prepare(config, [huge])
     assert not (project / "data" / "processed").exists(), "nothing is written"
 
 

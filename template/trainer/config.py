@@ -27,7 +27,7 @@ ARCHITECTURES = {"olmo": "olmo2", "llama": "llama", "mistral": "mistral", "custo
 
 # Kinds of fields that are not plain values (trainer.guard holds requests from outside to them);
 # fields typed Path are paths without saying so.
-GLOBS, CODE, ENDPOINT, STORE = ({"guard": kind} for kind in ("globs", "code", "endpoint", "store"))
+GLOBS, CODE, ENDPOINT, STORE, MODEL = ({"guard": kind} for kind in ("globs", "code", "endpoint", "store", "model"))
 
 
 class ConfigError(ValueError):
@@ -58,7 +58,7 @@ class ProjectSection(Section):
 
 class BaseModelSection(Section):
     type: Literal["olmo", "llama", "mistral", "custom"] = "olmo"
-    model_id: str = Field(default="allenai/OLMo-2-0425-1B-Instruct", min_length=3)
+    model_id: str = Field(default="allenai/OLMo-2-0425-1B-Instruct", min_length=3, json_schema_extra=MODEL)
     local_path: Optional[Path] = None
     quantization: Literal["none", "q4", "q8"] = "none"
 

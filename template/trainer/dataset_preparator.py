@@ -121,6 +121,10 @@ def _not_utf8(raw: bytes, error: UnicodeDecodeError, start: int) -> str:
             "of the file); save it as UTF-8")
 
 
+# Long documents in one cell are fine up to this (the csv module's default is 128 KiB).
+csv.field_size_limit(max(csv.field_size_limit(), 16 << 20))
+
+
 def _csv_text(path: Path, name: str) -> str:
     """The whole CSV as text (BOM dropped); bytes that are not UTF-8 are an error naming the line."""
     raw = path.read_bytes()
@@ -173,8 +177,8 @@ def read_rows(path: Path, fmt: str, name: str) -> Iterator[tuple[int, Any]]:
                 else:
                     yield start, row
                 start = reader.line_num + 1
-        except csv.Error as error:  # a NUL byte, a field over the csv module's size limit
-            raise DatasetError(f"{name}, line {reader.line_num}: not readable as CSV ({error})") from None
+        except csv.Error as error:  # a field over the size limit
+            raise DatasetError(f"{name}, line {start}: not readable as CSV ({error})") from None
     elif fmt == "parquet":
         for number, row in enumerate(_parquet(path, name).to_pylist(), 1):
             yield number, row
@@ -195,6 +199,12 @@ def columns_of(path: Path, fmt: str, name: str) -> Optional[list[str]]:
 
 
 # ----------------------------------------------------------------- mapping
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value quoted in an error: its repr, cut short (rows can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _text(row: dict[str, Any], name: str, required: bool) -> Optional[str]:
@@ -218,13 +228,13 @@ def _quality(row: dict[str, Any], name: str) -> Optional[float]:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool):
-        raise Rejected(name, f"non-numeric quality score {value!r}")
+        raise Rejected(name, f"non-numeric quality score {shown(value)}")
     try:
         score = float(value)
     except (TypeError, ValueError):
-        raise Rejected(name, f"non-numeric quality score {value!r}") from None
+        raise Rejected(name, f"non-numeric quality score {shown(value)}") from None
     if not math.isfinite(score):
-        raise Rejected(name, f"quality score must be a finite number, got {value!r}")
+        raise Rejected(name, f"quality score must be a finite number, got {shown(value)}")
     if not 0 <= score <= 1:
         raise Rejected(name, f"quality score must be in [0, 1], got {score:g}")
     return score
@@ -253,7 +263,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise Rejected("messages", f"message {index} is not an object")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise Rejected("messages", f"message {index} has role {role!r}; allowed: assistant, system, user")
+            raise Rejected("messages", f"message {index} has role {shown(role)}; allowed: assistant, system, user")
         if not isinstance(content, str) or not content.strip():
             raise Rejected("messages", f"message {index} ({role}) has empty or non-text content")
         messages.append({"role": role, "content": content})

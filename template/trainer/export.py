@@ -182,6 +182,8 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
             write_atomic(building / "README.md", model_card.render(manifest, run_dir, stage, fmt, merged, how))
             export_target.mark(building, config, {"run_id": run_id, "stage": stage, "export_format": fmt,
                                                   "created_at": now()})
+            # the build took a while: what is at the target now must still be replaceable
+            export_target.check(config, target, overwrite)
             if target.exists():  # overwrite: the old export goes only once the new one is complete
                 retired = target.parent / f"{TEMP_PREFIX}{target.name}-old-{os.getpid()}"
                 target.rename(retired)

@@ -1,18 +1,19 @@
 """Where an export may go, and what `overwrite` may replace.
 
-An export is a folder that carries a marker file (MARKER) naming its project, run, stage and
-format, and that a run's manifest lists under "exports". Overwriting replaces only such a
-folder of this project. Whatever asks, an export never lands on the project itself, an
-ancestor of it, an allowed root, or one of the project's own folders (its config, data,
-runs, models, code, tests, git, emissions, logs), and nothing is touched before every
-check has passed.
+An export is a folder that carries a marker file (MARKER) naming its project, run, stage,
+format and every file the export wrote, and that a run's manifest lists under "exports".
+Overwriting replaces only such a folder of this project, and only while it holds nothing but
+those files (something put into it since, a project say, is never deleted with it).
+Whatever asks, an export never lands on the project itself, an ancestor of it, an allowed
+root, or one of the project's own folders (its config, data, runs, models, code, tests, git,
+emissions, logs), and nothing is touched before every check has passed.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from trainer import guard
 from trainer.config import FineTuningConfig
@@ -56,12 +57,33 @@ def recorded(config: FineTuningConfig, target: Path) -> bool:
     return False
 
 
-def marked(config: FineTuningConfig, target: Path) -> bool:
+def marker_of(config: FineTuningConfig, target: Path) -> Optional[dict[str, Any]]:
+    """The folder's marker, if it is a regular file naming this project and the export's files."""
+    path = target / MARKER
+    if path.is_symlink() or not path.is_file():
+        return None
     try:
-        marker = json.loads((target / MARKER).read_text(encoding="utf-8"))
+        marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("project_root") == str(config.root.resolve())
+        return None
+    if not isinstance(marker, dict) or marker.get("project_root") != str(config.root.resolve()):
+        return None
+    return marker if isinstance(marker.get("files"), list) else None
+
+
+def listing(folder: Path) -> list[str]:
+    """Every entry below `folder` but the marker: files by relative path, links and other
+    non-folders as they are (they are never an export's own), folders only when empty."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        if name == MARKER:
+            continue
+        if path.is_symlink() or not path.is_dir():
+            entries.append(name if path.is_file() and not path.is_symlink() else f"{name} (not a regular file)")
+        elif not any(path.iterdir()):
+            entries.append(f"{name}/")
+    return entries
 
 
 def check(config: FineTuningConfig, target: Path, overwrite: bool) -> Path:
@@ -84,12 +106,18 @@ def check(config: FineTuningConfig, target: Path, overwrite: bool) -> Path:
                                 details={"export_path": str(target)})
     if not target.is_dir():
         _refuse(target, "it is a file, and exports are folders")
-    if not marked(config, target) or not recorded(config, target):
+    marker = marker_of(config, target)
+    if marker is None or not recorded(config, target):
         _refuse(target, f"overwrite replaces only an earlier export of this project (a folder with its {MARKER} "
                         "that a run's manifest lists), and this is not one")
+    extra = sorted(set(listing(target)) - set(marker["files"]))
+    if extra:
+        _refuse(target, f"it holds {len(extra)} entr{'y' if len(extra) == 1 else 'ies'} the export did not write "
+                        f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}); move them out first")
     return target
 
 
 def mark(folder: Path, config: FineTuningConfig, facts: dict[str, Any]) -> None:
-    """Write the marker that lets a later export with overwrite replace this folder."""
-    write_json(folder / MARKER, {"project_root": str(config.root.resolve()), **facts})
+    """Write the marker (once every file of the export is in `folder`) that lets a later
+    export with overwrite replace this folder."""
+    write_json(folder / MARKER, {"project_root": str(config.root.resolve()), **facts, "files": listing(folder)})

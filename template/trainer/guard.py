@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -28,8 +29,10 @@ CLIENT_ROOTS_ENV = "OLMO_GUARD_CLIENT_ROOTS"
 
 # Field kinds that are not plain values (set with json_schema_extra={"guard": KIND} in trainer.config;
 # fields typed Path are "path" without saying so). A "store" is a tracking URI: a local file or
-# folder (checked as a path) or a server (an endpoint).
-PATH, GLOBS, CODE, ENDPOINT, STORE = "path", "globs", "code", "endpoint", "store"
+# folder (checked as a path) or a server (an endpoint). A "model" is a Hub id or, since the
+# loaders read a local folder of that name first, a path.
+PATH, GLOBS, CODE, ENDPOINT, STORE, MODEL = "path", "globs", "code", "endpoint", "store", "model"
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 REFUSED_KINDS = {CODE: "names code to import and call", ENDPOINT: "names a network endpoint that receives data"}
 
 
@@ -71,12 +74,18 @@ def check_path(path: Path | str, what: str) -> Path:
 
 
 def check_tree(folder: Path, what: str) -> None:
-    """Under the guard, no symlink below `folder` may lead outside the roots (writes through
-    it would land there)."""
+    """Under the guard, no link below `folder` may lead outside the roots (writes through it
+    would land there), links to folders that lead to further links included."""
     if not active() or not folder.is_dir():
         return
     check_path(folder, what)
-    for parent, dirs, files in os.walk(folder):
+    seen = set()
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        real = Path(parent).resolve()
+        if real in seen:  # a link loop, or a folder reached twice
+            dirs.clear()
+            continue
+        seen.add(real)
         for name in (*dirs, *files):
             entry = Path(parent) / name
             if entry.is_symlink():
@@ -137,6 +146,10 @@ def check_overrides(model: type[BaseModel], overrides: Mapping[str, Any]) -> Non
             continue
         if kind == STORE and isinstance(value, str) and local_path_of(value) is None and not loopback(value):
             kind = ENDPOINT  # a tracking server elsewhere: the run's data would leave the machine
+        if kind == MODEL and not (isinstance(value, str) and HUB_ID.fullmatch(value) and ".." not in value):
+            raise GuardError(f"override {key} must be a Hugging Face model id (owner/name); a request through "
+                             "the MCP server sets a local model with base_model.local_path, which is held to the "
+                             "allowed roots", details={"field": key})
         if kind in REFUSED_KINDS and value not in (None, "", []):
             raise GuardError(f"override {key} is refused: it {REFUSED_KINDS[kind]}; a request through the MCP "
                              "server may not set it (write it into config/fine_tuning_config.yaml by hand "
@@ -149,11 +162,20 @@ def _glob_base(pattern: str) -> str:
     return pattern[:cut].rpartition("/")[0] or "."
 
 
+# Folders the code derives from the project root rather than from a config key.
+DERIVED = ("models", "models/quantized", "wandb", "mlruns", ".tmp")
+
+
 def check_config(config: Any) -> None:
-    """Under the guard, every folder and file the config names lies inside the roots."""
+    """Under the guard, every folder and file the config names (or the code derives from the
+    project root) lies inside the roots, and so does every link inside the base model."""
     if not active():
         return
     check_path(config.source, "the config file")
+    for name in DERIVED:
+        check_path(config.root / name, f"the project's {name}/ folder")
+    if config.base_model.local_path is not None:
+        check_tree(config.resolve(config.base_model.local_path), "base_model.local_path")
     for key, kind, value in fields(config):
         if value in (None, "", []):
             continue
@@ -166,6 +188,10 @@ def check_config(config: Any) -> None:
             local = local_path_of(value)
             if local is not None:
                 check_path(config.resolve(local), key)
+        elif kind == MODEL and isinstance(value, str) and config.base_model.local_path is None:
+            local = config.resolve(value)  # the loaders take an existing folder of that name first
+            if local.exists() or Path(value).expanduser().exists():
+                check_path(local if local.exists() else value, key)
 
 
 def local_path_of(uri: str) -> Optional[str]:
