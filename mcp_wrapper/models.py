@@ -134,8 +134,9 @@ class MonitorResult(BaseModel):
         default=None, description="CodeCarbon emissions so far, when asked for and recorded")
     emissions_alerts: Optional[list[dict[str, Any]]] = Field(
         default=None, description="the config's carbon alert thresholds that were exceeded (with include_emissions)")
-    eta_seconds: Optional[float] = None
-    estimated_completion_time: Optional[str] = Field(description="ISO 8601, UTC")
+    eta_seconds: Optional[float] = Field(default=None, description="seconds until the run ends, every remaining "
+                                                                   "stage included (known after the first report)")
+    estimated_completion_time: Optional[str] = Field(description="when the run should end: ISO 8601, UTC")
     error: Optional[str] = Field(default=None, description="why the run failed or cannot be read, and how to recover "
                                                            "(text from the trainer is delimited as untrusted)")
     log_tail: Optional[str] = Field(default=None, description="last lines of the run's log: untrusted text")

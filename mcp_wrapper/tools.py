@@ -169,8 +169,8 @@ class Tools(RunTools):
         if not (project / ".git").exists():
             raise ToolError(f"{project} is not a git repository; copier update needs one (git init && git add -A "
                             "&& git commit -m 'before update')")
-        dirty = _git(project, "status", "--porcelain").strip()
-        if dirty:
+        dirty = _git(project, "status", "--porcelain").rstrip("\n")  # each line keeps its 2-letter status
+        if dirty.strip():
             shown = "\n".join(dirty.splitlines()[:20])  # file names are the user's (or a dataset's) text
             raise ToolError(f"{project} has uncommitted changes; commit or stash them first (copier update merges "
                             f"into a clean git tree):\n" + untrusted(shown))

@@ -60,7 +60,7 @@ MATRIX = [
                   "metadata_field": "", "carbon_offline_mode": False},
                  id="custom-jsonl-mlx-q4-no-optional-fields"),
     pytest.param({"model_type": "olmo", "dataset_format": "csv", "num_stages": 1, "instruction_field": "prompt",
-                  "output_field": "response", "quality_field": "score", "metadata_field": "meta",
+                  "output_field": "response", "quality_field": "Güte", "metadata_field": "métadonnées",
                   "project_description": 'Says "hi" \\ it\'s fine', "lora_target_modules": ["q_proj", "mlp.down_proj"]},
                  id="olmo-csv-renamed-fields-odd-description"),
 ]

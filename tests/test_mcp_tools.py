@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mcp import Client
 
-from conftest import REPO, answers_of, mcp_error, mcp_ok, questionnaire, render
+from conftest import REPO, answers_of, mcp_error, mcp_ok, questionnaire, render, unwrap
 from mcp_wrapper import answers as mapping
 from mcp_wrapper.server import build_server
 from mcp_wrapper.settings import Settings
@@ -43,6 +43,16 @@ def test_tools_have_input_and_output_schemas(server):
     assert set(tools) == TOOLS
     for tool in tools.values():
         assert tool.description and tool.output_schema and tool.output_schema["type"] == "object", tool.name
+        assert "\n" not in tool.description and "  " not in tool.description, f"{tool.name}: indented description"
+        hints = tool.annotations
+        assert hints is not None and hints.read_only_hint is not None and hints.destructive_hint is not None, tool.name
+        for name, schema in tool.input_schema["properties"].items():  # every parameter says what it is
+            assert schema.get("description"), f"{tool.name}.{name} has no description"
+    read_only = {name for name, tool in tools.items() if tool.annotations.read_only_hint}
+    assert read_only == {"monitor_training_progress", "generate_text", "get_emissions_report", "list_runs"}
+    assert tools["export_model"].annotations.destructive_hint and tools["cancel_training"].annotations.destructive_hint
+    assert "relative to the server's output folder" in \
+        tools["list_runs"].input_schema["properties"]["project_path"]["description"]
     generate = tools["generate_fine_tuning_project"].input_schema
     assert generate["required"] == ["project_name"]
     for section in mapping.SECTIONS:
@@ -158,7 +168,8 @@ def test_update_refuses_a_dirty_project(server, root):
     project = mcp_ok(server, "generate_fine_tuning_project", {"project_name": "dirty"})["project_path"]
     (root / "dirty" / "README.md").write_text("edited, not committed\n")
     text = mcp_error(server, "update_project", {"project_path": project})
-    assert "uncommitted changes" in text and "README.md" in text
+    assert "uncommitted changes" in text and unwrap(text[text.index("<<<untrusted-text"):]) == " M README.md", \
+        "git's status lines come back whole, delimited"
     assert (root / "dirty" / "README.md").read_text() == "edited, not committed\n"
 
 

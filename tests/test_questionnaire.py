@@ -42,7 +42,7 @@ BAD_ANSWERS = {
     "input_field": [("bad!", {})],
     "system_field": [("bad!", {})],
     "output_field": [("bad!", {}), ("instruction", {"instruction_field": "instruction"})],
-    "quality_field": [("bad!", {})],
+    "quality_field": [("bad!", {}), ("1st", {})],
     "metadata_field": [("bad!", {})],
     "train_split": [(0, {}), (1, {})],
     "validation_split": [(0, {})],
@@ -131,6 +131,14 @@ def test_defaults_derive_from_earlier_answers(tmp_path):
     config = yaml.safe_load((project / "config" / "fine_tuning_config.yaml").read_text())
     assert config["dataset"]["test_split"] == pytest.approx(0.1)
     assert config["mlflow"]["experiment_name"] == "health-notes-training"
+
+
+def test_column_names_may_be_in_any_script(tmp_path):
+    project = render(tmp_path / "p", instruction_field="Frage", output_field="Antwort", quality_field="Güte",
+                     metadata_field="métadonnées")
+    dataset = yaml.safe_load((project / "config" / "fine_tuning_config.yaml").read_text())["dataset"]
+    assert (dataset["instruction_field"], dataset["quality_field"], dataset["metadata_field"]) == (
+        "Frage", "Güte", "métadonnées")
 
 
 def test_when_hides_stage2_questions_for_one_stage(tmp_path):

@@ -326,3 +326,18 @@ def test_both_stages_are_written_or_neither(config, project):
     assert error["message"].startswith("stage 2: ") and "stage 1's data validated, and was not written" \
         in error["message"] and bad_name in error["message"]
     assert snapshot(project / "data" / "processed") == before
+
+
+def test_raw_files_of_every_supported_format_are_found_by_default(config, project):
+    """A parquet file in a csv project (or any other mix) is read by its extension."""
+    from trainer.dataset_preparator import find_inputs
+
+    folders = [(1, project / "data" / "raw")]
+    if config.training.num_stages == 2:
+        folders.append((2, project / "data" / "raw" / "stage2"))
+    for stage, folder in folders:
+        added = [folder / f"extra-{stage}.{ext}" for ext in ("jsonl", "csv", "parquet", "pq")]
+        for path in added:
+            path.write_text("")
+        found = find_inputs(config.dataset, project, stage)
+        assert set(added) <= set(found), f"stage {stage}: {sorted(map(str, found))}"

@@ -312,3 +312,21 @@ def test_only_the_answer_counts_in_the_loss_by_default():
     assert full.tokens[0] == ids and full.starts[0] == 1
     # a prompt that fills max_seq_length leaves nothing to learn: the row is dropped, not kept empty
     assert tokenize([record], tokenizer, start, mask_prompt=True).dropped == 1
+
+
+def test_the_status_eta_covers_every_remaining_stage(prepared):
+    """At 60% of stage 1 of a two-stage run the ETA counts stage 2 too, at stage 1's pace."""
+    from trainer.pipeline import RunRecorder
+
+    manager = RunManager(prepared)
+    run_id = manager.configure("eta")["run_id"]
+    recorder = RunRecorder(manager, run_id, offset=0, total=100 + 50)  # stage 1: 100 iterations, stage 2: 50
+    recorder.on_train_loss_report({"stage": 1, "iteration": 60, "total_iterations": 100, "train_loss": 1.0,
+                                   "eta": 40.0})
+    status = json.loads((manager.run_dir(run_id) / "status.json").read_text())
+    assert status["eta_seconds"] == 40.0 + 50 * 1.0 and status["progress"] == 40.0
+    last = json.loads((manager.run_dir(run_id) / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["eta"] == 40.0, "metrics.jsonl keeps the stage's own ETA"
+    stage2 = RunRecorder(manager, run_id, offset=100, total=150)
+    stage2.on_train_loss_report({"stage": 2, "iteration": 10, "total_iterations": 50, "train_loss": 1.0, "eta": 20.0})
+    assert json.loads((manager.run_dir(run_id) / "status.json").read_text())["eta_seconds"] == 20.0

@@ -27,6 +27,7 @@ ARCHITECTURES = {"olmo": "olmo2", "llama": "llama", "mistral": "mistral", "custo
 
 # Kinds of fields that are not plain values (trainer.guard holds requests from outside to them);
 # fields typed Path are paths without saying so.
+RAW_EXTENSIONS = ("jsonl", "csv", "parquet", "pq")  # what trainer.dataset_preparator reads
 GLOBS, CODE, ENDPOINT, STORE, MODEL = ({"guard": kind} for kind in ("globs", "code", "endpoint", "store", "model"))
 
 
@@ -169,9 +170,10 @@ class LoraSection(Section):
 
 class DatasetSection(Section):
     format: Literal["jsonl", "csv", "parquet"] = "jsonl"
-    raw_files: list[str] = Field(default_factory=lambda: ["data/raw/*.jsonl"], min_length=1, json_schema_extra=GLOBS)
-    stage2_raw_files: list[str] = Field(default_factory=lambda: ["data/raw/stage2/*.jsonl"], min_length=1,
-                                        json_schema_extra=GLOBS)
+    raw_files: list[str] = Field(default_factory=lambda: [f"data/raw/*.{x}" for x in RAW_EXTENSIONS], min_length=1,
+                                 json_schema_extra=GLOBS)
+    stage2_raw_files: list[str] = Field(default_factory=lambda: [f"data/raw/stage2/*.{x}" for x in RAW_EXTENSIONS],
+                                        min_length=1, json_schema_extra=GLOBS)
     processed_dir: Path = Path("data/processed")
     reports_dir: Path = Path("data/quality_reports")
     record_format: Literal["chat", "completions"] = "chat"

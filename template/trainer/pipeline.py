@@ -120,6 +120,7 @@ class RunRecorder(TrainingCallback):
         self.offset, self.total = offset, total  # iterations of earlier stages, of all stages
         self.path = manager.run_dir(run_id) / "metrics.jsonl"
         self.last: dict[str, Any] = {}
+        self.pace = 0.0  # seconds per iteration, from the stage's latest ETA
 
     def append(self, info: dict[str, Any]) -> None:
         line = (json.dumps(info) + "\n").encode()
@@ -135,8 +136,20 @@ class RunRecorder(TrainingCallback):
         done = self.offset + info["iteration"]
         self.manager.write_status(self.run_id, stage=info["stage"], iteration=info["iteration"],
                                   total_iterations=info["total_iterations"],
-                                  progress=round(100 * done / self.total, 2), eta_seconds=info.get("eta"),
+                                  progress=round(100 * done / self.total, 2), eta_seconds=self.eta(info),
                                   last_metrics=self.last)
+
+    def eta(self, info: dict[str, Any]) -> Optional[float]:
+        """Seconds until the run ends: the stage's own ETA, plus the later stages' iterations at
+        this stage's pace (metrics.jsonl keeps the stage's ETA)."""
+        eta = info.get("eta")
+        if eta is None:
+            return None
+        left = info["total_iterations"] - info["iteration"]
+        if left > 0:
+            self.pace = eta / left
+        later = self.total - self.offset - info["total_iterations"]
+        return round(eta + later * self.pace, 1)
 
     on_train_loss_report = _write
     on_val_loss_report = _write
