@@ -75,7 +75,7 @@ class ProjectAccess:
     def environment(self, project: Path, client_roots: Optional[list[Path]]) -> dict[str, str]:
         """The script's environment: the roots its guard holds it to, and a temp folder inside the project."""
         env = {**os.environ, ROOTS_ENV: os.pathsep.join(map(str, self.settings.allowed_roots)),
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", "OLMO_CALLER": "mcp"}  # errors then name tools, not flags
         env.pop(CLIENT_ROOTS_ENV, None)
         if client_roots:
             env[CLIENT_ROOTS_ENV] = os.pathsep.join(map(str, client_roots))
@@ -108,6 +108,6 @@ class ProjectAccess:
                             + untrusted("\n".join(err.splitlines()[-20:])))
         if proc.returncode != 0 or "error" in result:
             error = result.get("error") if isinstance(result.get("error"), dict) else {}
-            raise ToolError(f"scripts/{name} refused or failed ({error.get('type', 'error')}); its message, which "
+            raise ToolError(f"the project refused or failed ({error.get('type', 'error')}); its message, which "
                             "may quote the project's data, follows:\n" + untrusted(str(error.get("message", "failed"))))
         return result

@@ -436,3 +436,18 @@ def test_cancel_signals_only_the_process_that_holds_the_lock(env):
         os.close(fd)
         bystander.kill()
         bystander.wait()
+
+
+def test_errors_name_tools_and_arguments_not_script_flags(env):
+    """The scripts speak in tool arguments when the server runs them (issue 14, item 9)."""
+    bad = env["project"] / "data" / "raw" / "flags.jsonl"
+    bad.write_text('{"instruction": "no output"}\n')
+    try:
+        text = refused(env, "prepare_dataset", project_args(env, input_files=["data/raw/flags.jsonl"]),
+                       "prepare_dataset with skip_invalid=true")
+        assert "--" not in text and "scripts/" not in text, text
+    finally:
+        bad.unlink()
+    text = refused(env, "start_training", project_args(env, run_id=env["run_id"], stage=2, async_mode=False),
+                   "start_training with stage=1")
+    assert "--" not in text and "scripts/" not in text, text

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from trainer.config import LoraSection, TrainingSection
 from trainer.distributed import World
-from trainer.errors import ProjectError
+from trainer.errors import ProjectError, advice
 from trainer.files import TEMP_PREFIX, read_json, sha256_file, write_json
 from trainer.training_data import Batch, Sampler, TokenizedSet, collate, eval_rows
 
@@ -336,7 +336,8 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
         if stopping and not last:
             world.barrier()  # the checkpoint is on disk before any rank leaves
             raise Cancelled(f"stage {plan.stage} cancelled at iteration {iteration}; a checkpoint was saved, "
-                            "continue with --resume", details={"stage": plan.stage, "iteration": iteration})
+                            + advice("continue with --resume", "start_training with resume=true continues it"),
+                            details={"stage": plan.stage, "iteration": iteration})
 
     # the last iteration always checkpoints, so the state gathered for it is the final adapter
     if world.main:

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from trainer import guard, weighting
 from trainer.config import DatasetSection, FineTuningConfig
-from trainer.errors import ProjectError
+from trainer.errors import ProjectError, advice
 from trainer.files import sha256_file, write_atomic
 
 SPLITS = ("train", "valid", "test")
@@ -102,7 +102,8 @@ def find_inputs(dataset: DatasetSection, root: Path, stage: int = 1) -> list[Pat
         where = "data/raw/" if stage == 1 else "data/raw/stage2/"
         raise DatasetError(
             f"no raw data files match dataset.{key} {patterns} (relative to {root}); "
-            f"put {dataset.format} files in {where} or pass --input",
+            + advice(f"put {dataset.format} files in {where} or pass --input",
+                     f"put data files in {where} or pass input_files to prepare_dataset"),
             details={"patterns": patterns, "stage": stage},
         )
     return list(found)
@@ -497,7 +498,8 @@ def plan(
         more = f"\n  ... and {len(prepared.errors) - 20} more" if len(prepared.errors) > 20 else ""
         raise DatasetError(
             f"{len(prepared.errors)} invalid row(s); nothing was written "
-            f"(use --skip-invalid to drop them):\n{shown}{more}",
+            + advice("(use --skip-invalid to drop them)", "(prepare_dataset with skip_invalid=true drops them)")
+            + f":\n{shown}{more}",
             details={"errors": [asdict(e) for e in prepared.errors[:MAX_LISTED_ERRORS]], "stage": stage},
         )
     if not prepared.examples:

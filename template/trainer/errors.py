@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+CALLER_ENV = "OLMO_CALLER"  # "mcp" when the olmo-fine-tuning-mcp server runs the script
 
 
 class ProjectError(Exception):
@@ -13,3 +16,9 @@ class ProjectError(Exception):
     def __init__(self, message: str, *, details: dict[str, Any] | None = None):
         super().__init__(message)
         self.details = details or {}
+
+
+def advice(cli: str, tool: str) -> str:
+    """How to act on an error, in the caller's words: the script's flags at a shell, the MCP
+    tools and their arguments when the server runs the script."""
+    return tool if os.environ.get(CALLER_ENV) == "mcp" else cli

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from trainer.base_trainer import Backend
 from trainer.config import FineTuningConfig
-from trainer.errors import ProjectError
+from trainer.errors import ProjectError, advice
 from trainer.files import sha256_file, write_atomic, write_json
 from trainer.tracking import log_evaluation
 from trainer.training_data import eval_batches, messages_of, read_records, tokenize
@@ -120,7 +120,8 @@ def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: O
         backend_name = manifest["backend"]["resolved"]
         test_file = test_file or run_dir / key / "training-data" / "test.jsonl"
         if not test_file.is_file():
-            raise EvaluationError(f"test data not found: {test_file}; pass --test-data")
+            raise EvaluationError(f"test data not found: {test_file}; "
+                                  + advice("pass --test-data", "pass test_dataset to evaluate_model"))
 
         def records_of(path: Path) -> list[dict[str, Any]]:
             records = read_records(path)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from trainer import guard
 from trainer.base_trainer import Backend
 from trainer.config import FineTuningConfig
-from trainer.errors import ProjectError
+from trainer.errors import ProjectError, advice
 from trainer.evaluation import load_inference
 from trainer.export_engines import adapter_as
 from trainer.pipeline import engines
@@ -67,7 +67,8 @@ def load_model(config: FineTuningConfig, run_id: Optional[str] = None, stage: Op
                export: Optional[Path] = None, backend: Optional[str] = None) -> Model:
     """The base model, with a run stage's adapter, or an exported model (merged, fused or an adapter)."""
     if run_id and export:
-        raise GenerationError("give a run (--run-id) or an export (--export), not both")
+        raise GenerationError(advice("give a run (--run-id) or an export (--export), not both",
+                                      "give run_id or export_path to generate_text, not both"))
     source, exported, adapter, description = config.model_source(), None, None, {}
     trained_with = None
     if run_id:

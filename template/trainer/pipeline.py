@@ -37,6 +37,7 @@ from trainer.base_trainer import (
 )
 from trainer.config import FineTuningConfig
 from trainer.emissions import StageEmissions
+from trainer.errors import advice
 from trainer.files import Reserve, write_json
 from trainer.tracking import Tracking, flatten
 from trainer.training_data import Sampler, quality_weights, read_records, tokenize
@@ -276,7 +277,8 @@ def check_request(manager: RunManager, run_id: str, config: FineTuningConfig, ba
             raise RunError(f"stage {number} of run {run_id} is already completed; configure a new run to train again")
     if 2 in stages and 1 not in stages and manifest["stages"]["stage1"]["status"] != "completed":
         raise RunError(f"stage 2 of run {run_id} starts from the stage-1 adapter, and stage 1 has not completed; "
-                       f"train stage 1 first (scripts/train.py --run-id {run_id} --stage 1)")
+                       "train stage 1 first " + advice(f"(scripts/train.py --run-id {run_id} --stage 1)",
+                                                         "(start_training with stage=1)"))
     for number in stages:
         distributed.check_batch(world, number, config.training.stage(number).batch_size)
     if backend[0] == "transformers" and config.base_model.quantization != "none" and not _cuda():

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from trainer.errors import ProjectError
+from trainer.errors import ProjectError, advice
 from trainer.weighting import weight
 
 
@@ -59,7 +59,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}, line {number}: malformed JSON ({error.msg})") from None
             if not isinstance(record, dict) or not ("messages" in record or {"prompt", "completion"} <= set(record)):
                 raise DataError(f"{path}, line {number}: expected a chat ('messages') or completions "
-                                "('prompt', 'completion') record; run scripts/prepare_dataset.py")
+                                "('prompt', 'completion') record; "
+                                + advice("run scripts/prepare_dataset.py", "run prepare_dataset"))
             records.append(record)
     if not records:
         raise DataError(f"{path} has no records")

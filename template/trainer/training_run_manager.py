@@ -31,7 +31,7 @@ import yaml
 
 from trainer import guard
 from trainer.config import FineTuningConfig, load_config
-from trainer.errors import ProjectError
+from trainer.errors import ProjectError, advice
 from trainer.files import clean_temporaries, read_json, sha256_file, write_json
 from trainer.training_data import DataError, read_records
 
@@ -179,9 +179,12 @@ class RunManager:
                 continue
             path = guard.check_path(self.config.resolve(path), f"stage {stage} {split} data")
             if not path.is_file():
-                hint = " (run scripts/prepare_dataset.py first)" if stage == 1 else (
-                    " (stage 2 needs its own domain data: prepare it with scripts/prepare_dataset.py "
-                    "--output-dir data/processed/stage2, or pass --stage2-train/--stage2-valid)")
+                hint = advice(" (run scripts/prepare_dataset.py first)", " (run prepare_dataset first)") \
+                    if stage == 1 else advice(
+                        " (stage 2 needs its own domain data: prepare it with scripts/prepare_dataset.py "
+                        "--output-dir data/processed/stage2, or pass --stage2-train/--stage2-valid)",
+                        " (stage 2 needs its own domain data: put it in data/raw/stage2/ and run prepare_dataset, "
+                        "or pass training_data.stage2_train_dataset and stage2_validation_dataset)")
                 raise RunError(f"stage {stage} {split} data file not found: {path}{hint}",
                                details={"stage": stage, "split": split, "path": str(path)})
             try:
@@ -249,7 +252,8 @@ class RunManager:
         if status.get("status") == "running" and not alive:
             status["status"] = "failed"
             status["error"] = (f"the training process (pid {status.get('pid')}) ended without finishing; "
-                               f"continue with scripts/train.py --run-id {run_id} --resume")
+                               + advice(f"continue with scripts/train.py --run-id {run_id} --resume",
+                                        "start_training with resume=true continues it"))
         return status
 
     def list_runs(self) -> list[dict[str, Any]]:
@@ -287,7 +291,9 @@ class RunManager:
                     if attempt == 19:
                         holder = path.read_text().strip() or "unknown"
                         raise RunLocked(f"run {run_id} is already running (lock held by {holder}); "
-                                        "watch it with scripts/status.py or cancel it first",
+                                        + advice("watch it with scripts/status.py or cancel it first",
+                                                 "watch it with monitor_training_progress or cancel_training "
+                                                 "first"),
                                         details={"run_id": run_id, "holder": holder}) from None
                     time.sleep(0.05)
             previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
