@@ -139,7 +139,7 @@ def test_run_tools_need_a_project_and_a_known_run(server, root):
     text = mcp_error(server, "evaluate_model", {"project_path": project, "run_id": "nope-1", "stage": 1})
     assert "unknown run id 'nope-1'" in text
     text = mcp_error(server, "configure_training_run", {"project_path": project, "run_name": "first"})
-    assert "stage 1 train data file not found" in text and "prepare_dataset.py" in text
+    assert "stage 1 train data file not found" in text and "(run prepare_dataset first)" in text
     text = mcp_error(server, "configure_training_run", {"project_path": project, "run_name": "x",
                                                         "training_data": {"train": "a.jsonl"}})
     assert "training_data.train is not known" in text
