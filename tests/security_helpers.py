@@ -9,6 +9,11 @@ import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from conftest import mcp_error
+from mcp_wrapper.server import build_server
+from mcp_wrapper.settings import Settings
 
 # A lock file's holder line is rewritten by whoever takes the lock, and Python writes its
 # bytecode caches: neither is the user's data.
@@ -50,3 +55,22 @@ def linked_out(path: Path, outside: Path) -> Iterator[Path]:
         if moved.exists():
             moved.rename(path)
         shutil.rmtree(copy) if copy.is_dir() else copy.unlink()
+
+
+def layout(top: Path) -> dict[str, Any]:
+    """An allowed root and a folder outside it below `top`, and a server held to the root."""
+    root, outside = top / "projects", top / "outside"
+    root.mkdir()
+    outside.mkdir()
+    return {"top": top, "root": root, "outside": outside,
+            "server": build_server(Settings(output_dir=root, allowed_roots=[root]))}
+
+
+def refused(env: dict[str, Any], tool: str, arguments: dict, *expected: str) -> str:
+    """Call `tool`; it must fail with every `expected` text in its message and change nothing."""
+    before = fingerprint(env["top"])
+    text = mcp_error(env["server"], tool, arguments)
+    for part in expected:
+        assert part in text, f"{part!r} not in {text!r}"
+    assert fingerprint(env["top"]) == before, f"{tool} changed files while refusing"
+    return text

@@ -26,7 +26,7 @@ from conftest import mcp_call, mcp_error, mcp_ok, unwrap
 from mcp_wrapper import files
 from mcp_wrapper.server import build_server, client_roots
 from mcp_wrapper.settings import Settings
-from security_helpers import fingerprint, linked_out
+from security_helpers import fingerprint, layout, linked_out, refused
 
 pytest.importorskip("torch")
 
@@ -34,12 +34,8 @@ pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """One two-stage project with a tiny model, prepared data and a configured run."""
-    top = tmp_path_factory.mktemp("security")
-    root, outside = top / "projects", top / "outside"
-    root.mkdir()
-    outside.mkdir()
-    server = build_server(Settings(output_dir=root, allowed_roots=[root]))
-    project = root / "p"
+    env = layout(tmp_path_factory.mktemp("security"))
+    server, project = env["server"], env["root"] / "p"
     mcp_ok(server, "generate_fine_tuning_project", {
         "project_name": "p", "base_model": {"local_path": "models/tiny-olmo2"},
         "training": {"num_stages": 2, "backend": "transformers"}})
@@ -47,17 +43,7 @@ def env(tmp_path_factory):
                    capture_output=True)
     mcp_ok(server, "prepare_dataset", {"project_path": str(project)})
     run_id = mcp_ok(server, "configure_training_run", {"project_path": str(project), "run_name": "base"})["run_id"]
-    return {"top": top, "root": root, "outside": outside, "server": server, "project": project, "run_id": run_id}
-
-
-def refused(env, tool: str, arguments: dict, *expected: str) -> str:
-    """Call `tool`; it must fail with every `expected` text in its message and change nothing."""
-    before = fingerprint(env["top"])
-    text = mcp_error(env["server"], tool, arguments)
-    for part in expected:
-        assert part in text, f"{part!r} not in {text!r}"
-    assert fingerprint(env["top"]) == before, f"{tool} changed files while refusing"
-    return text
+    return {**env, "project": project, "run_id": run_id}
 
 
 def project_args(env, **extra) -> dict:

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mcp_error, mcp_ok, unwrap
-from mcp_wrapper.server import build_server
-from mcp_wrapper.settings import Settings
-from security_helpers import fingerprint, linked_out
+from conftest import mcp_ok, unwrap
+from security_helpers import fingerprint, layout, linked_out, refused
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -26,11 +24,8 @@ QUICK = {"training": {"num_stages": 1, "stage1": {"iterations": 2, "warmup_steps
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    top = tmp_path_factory.mktemp("security-trained")
-    root, outside = top / "projects", top / "outside"
-    root.mkdir()
-    outside.mkdir()
-    server = build_server(Settings(output_dir=root, allowed_roots=[root]))
+    env = layout(tmp_path_factory.mktemp("security-trained"))
+    server, root = env["server"], env["root"]
     for name in ("p", "other"):
         mcp_ok(server, "generate_fine_tuning_project", {
             "project_name": name, "base_model": {"local_path": "models/tiny-olmo2"},
@@ -43,22 +38,13 @@ def env(tmp_path_factory):
     run_id = mcp_ok(server, "configure_training_run", {**args, "run_name": "t", "override_params": QUICK})["run_id"]
     assert mcp_ok(server, "start_training", {**args, "run_id": run_id, "async_mode": False})["status"] == "completed"
     first = mcp_ok(server, "export_model", {**args, "run_id": run_id, "stage": 1, "export_format": "adapters"})
-    return {"top": top, "root": root, "outside": outside, "server": server, "project": project, "run_id": run_id,
-            "export": Path(first["export_path"])}
+    return {**env, "project": project, "run_id": run_id, "export": Path(first["export_path"])}
 
 
 def export(env, **extra) -> dict:
     return {"project_path": str(env["project"]), "run_id": env["run_id"], "stage": 1, "export_format": "adapters",
             **extra}
 
-
-def refused(env, tool: str, arguments: dict, *expected: str) -> str:
-    before = fingerprint(env["top"])
-    text = mcp_error(env["server"], tool, arguments)
-    for part in expected:
-        assert part in text, f"{part!r} not in {text!r}"
-    assert fingerprint(env["top"]) == before, f"{tool} changed files while refusing"
-    return text
 
 
 @pytest.mark.slow
