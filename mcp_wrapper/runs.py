@@ -32,6 +32,7 @@ from mcp_wrapper.files import (
 )
 from mcp_wrapper.models import STATUSES, CancelResult, Metrics, MonitorResult, RunList, RunSummary, StartResult
 
+FIRST_PACE_WAIT = 30.0  # seconds start_training waits for a first run's first iteration
 RECOVER = ("if no process runs it, start_training with resume=true rewrites the status from the last checkpoint; "
            "or configure a new run")
 
@@ -135,10 +136,18 @@ class RunTools(ProjectAccess):
                     client_roots: Optional[list[Path]]) -> StartResult:
         proc, run_dir, log_file = self.launch(project_value, run_id, stage, resume, client_roots)
         project = run_dir.parents[1]
-        status = self.monitor(str(project), run_id, False, False, client_roots).status
+        minutes = self.estimate_minutes(project, run_dir, stage, client_roots)
+        deadline = time.monotonic() + FIRST_PACE_WAIT
+        seen = self.monitor(str(project), run_id, False, False, client_roots)
+        while minutes is None and seen.eta_seconds is None and seen.status == "running" \
+                and time.monotonic() < deadline:  # a first run: its own first iteration gives the pace
+            time.sleep(0.25)
+            seen = self.monitor(str(project), run_id, False, False, client_roots)
+        if minutes is None and seen.eta_seconds is not None:
+            minutes = max(1, math.ceil(seen.eta_seconds / 60))
         return StartResult(
-            success=True, run_id=run_id, training_started=True, status=status, pid=proc.pid,
-            estimated_duration_minutes=self.estimate_minutes(project, run_dir, stage, client_roots),
+            success=True, run_id=run_id, training_started=True, status=seen.status, pid=proc.pid,
+            estimated_duration_minutes=minutes,
             log_file=str(log_file),
             monitor_command=f"monitor_training_progress(project_path={str(project)!r}, run_id={run_id!r})")
 
@@ -186,7 +195,8 @@ class RunTools(ProjectAccess):
             progress_percentage=_number(status.get("progress")),
             metrics=Metrics(**{k: _metric(latest.get(k)) for k in Metrics.model_fields}),
             carbon_emissions_kg=emissions, emissions_alerts=alerts, eta_seconds=eta,
-            estimated_completion_time=(_now() + timedelta(seconds=eta)).isoformat(timespec="seconds") if eta else None,
+            estimated_completion_time=((_now() + timedelta(seconds=eta)).isoformat(timespec="seconds")
+                                       if eta is not None else None),
             error=error, log_tail=log_tail,
         )
 

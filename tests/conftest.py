@@ -96,13 +96,30 @@ def mcp_call(server, tool: str, arguments: dict[str, Any], **client: Any):
     return anyio.run(go)
 
 
+def finished(server, arguments: dict[str, Any], out: dict[str, Any], **client: Any) -> dict[str, Any]:
+    """A long tool's answer once its job ended: wait_for_job until then, as an agent would."""
+    while out.get("job_status") == "running" or out.get("status") == "running" and "tool" in out:
+        out = mcp_ok(server, "wait_for_job", {"project_path": arguments["project_path"], "job_id": out["job_id"]},
+                     **client)
+    return out
+
+
 def mcp_ok(server, tool: str, arguments: dict[str, Any], **client: Any) -> dict[str, Any]:
     result = mcp_call(server, tool, arguments, **client)
     assert not result.is_error, result.content[0].text
-    return result.structured_content
+    out = result.structured_content
+    if out.get("job_status") == "running":  # the work goes on: its result comes from wait_for_job
+        state = finished(server, arguments, out, **client)
+        assert state["status"] == "completed", state
+        return state["result"]
+    return out
 
 
 def mcp_error(server, tool: str, arguments: dict[str, Any], **client: Any) -> str:
     result = mcp_call(server, tool, arguments, **client)
+    if not result.is_error and result.structured_content.get("job_status") == "running":
+        state = finished(server, arguments, result.structured_content, **client)
+        assert state["status"] == "failed", state
+        return state["error"]
     assert result.is_error, result.structured_content
     return result.content[0].text

@@ -70,6 +70,10 @@ def test_start_in_the_background_and_monitor_to_completion(env):
     assert time.monotonic() - started < 60, "async start must not wait for training"
     assert out["training_started"] and out["pid"] > 0 and out["log_file"].endswith("train-process.log")
     assert run_id in out["monitor_command"]
+    # the project's first run: the estimate comes from its own first iteration
+    assert isinstance(out["estimated_duration_minutes"], int) and out["estimated_duration_minutes"] >= 1
+    running = monitor(env, run_id)
+    assert running["status"] != "running" or running["estimated_completion_time"] is not None
     final = wait(env, run_id, lambda s: s["status"] in ("completed", "failed"))
     assert final["status"] == "completed", final
     assert final["progress_percentage"] == 100.0 and final["process_alive"] is False
@@ -153,7 +157,10 @@ def test_cancel_checkpoints_and_a_second_start_is_refused(env):
     out = mcp_ok(fresh, "cancel_training", {"project_path": env["project"], "run_id": run_id})
     assert out["signal"] == "SIGTERM" and out["status"] == "cancelled"
     assert out["last_checkpoint_iteration"] >= 20
-    assert monitor(env, run_id)["status"] == "cancelled"
+    stopped = monitor(env, run_id)
+    assert stopped["status"] == "cancelled"
+    # the status shows the iteration the checkpoint holds, where a resume starts
+    assert stopped["current_iteration"] == out["last_checkpoint_iteration"]
     again = mcp_ok(env["server"], "cancel_training", {"project_path": env["project"], "run_id": run_id})
     assert again["signal"] == "none" and "not running" in again["message"]
 

@@ -16,7 +16,8 @@ from mcp_wrapper.settings import Settings
 
 TOOLS = {"generate_fine_tuning_project", "update_project", "prepare_dataset", "configure_training_run",
          "start_training", "monitor_training_progress", "list_runs", "cancel_training", "evaluate_model",
-         "export_model", "get_emissions_report", "generate_text"}
+         "export_model", "get_emissions_report", "generate_text", "import_data", "set_base_model", "commit_project",
+         "wait_for_job", "cancel_job"}
 
 
 @pytest.fixture
@@ -49,7 +50,13 @@ def test_tools_have_input_and_output_schemas(server):
         for name, schema in tool.input_schema["properties"].items():  # every parameter says what it is
             assert schema.get("description"), f"{tool.name}.{name} has no description"
     read_only = {name for name, tool in tools.items() if tool.annotations.read_only_hint}
-    assert read_only == {"monitor_training_progress", "generate_text", "get_emissions_report", "list_runs"}
+    assert read_only == {"monitor_training_progress", "generate_text", "get_emissions_report", "list_runs",
+                         "wait_for_job"}
+    for name in ("import_data", "set_base_model", "prepare_dataset", "evaluate_model", "generate_text",
+                 "export_model"):  # every long tool answers within a minute, with a job when its work goes on
+        properties = tools[name].input_schema["properties"]
+        assert properties["wait_seconds"]["maximum"] <= 50, name
+        assert {"job_id", "job_status"} <= set(tools[name].output_schema["properties"]), name
     assert tools["export_model"].annotations.destructive_hint and tools["cancel_training"].annotations.destructive_hint
     assert "relative to the server's output folder" in \
         tools["list_runs"].input_schema["properties"]["project_path"]["description"]

@@ -153,6 +153,14 @@ def test_two_stages_chain_from_the_stage1_adapter_with_replay(projects, backend)
     check_adapter_loads(project, run_dir, 2, backend, "llama")
     stage_lines = {json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert stage_lines == {1, 2}
+    # final-model/ is the last stage's adapter, byte for byte, with where it comes from
+    final = run_dir / "final-model"
+    adapter = run_dir / "stage2" / "adapters"
+    assert {p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()} == {
+        p.name: p.read_bytes() for p in final.iterdir() if p.is_file() and p.name != "final-model.json"}
+    note = json.loads((final / "final-model.json").read_text())
+    assert note["stage"] == 2 and note["source"] == "stage2/adapters" and note["adapter_format"] == backend
+    assert manifest["final_model"] == note
 
 
 @pytest.mark.slow

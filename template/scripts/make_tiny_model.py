@@ -16,21 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import cli, tiny_model  # noqa: E402
-from trainer.dataset_preparator import DatasetError, collect, find_inputs  # noqa: E402
+from trainer.base_model import corpus  # noqa: E402
 
 SHAPE_FLAGS = {
     "vocab_size": "--vocab-size", "hidden_size": "--hidden-size", "intermediate_size": "--intermediate-size",
     "num_hidden_layers": "--layers", "num_attention_heads": "--heads", "num_key_value_heads": "--kv-heads",
 }
-
-
-def corpus(config) -> list[str]:
-    """The project's own raw texts, so the tokenizer fits its data (empty if none is readable)."""
-    try:
-        examples = collect(config, find_inputs(config.dataset, config.root)).examples
-    except DatasetError:
-        return []
-    return [m["content"] for e in examples for m in e.messages]
 
 
 def main(args) -> dict:

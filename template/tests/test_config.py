@@ -140,3 +140,22 @@ def test_env_example_documents_every_key():
     documented = {tuple(m.lower().split("__")) for m in re.findall(r"OLMO_([A-Z0-9_]+?)=", text)}
     missing = {".".join(k) for k in _leaf_keys(FineTuningConfig)} - {".".join(k) for k in documented}
     assert not missing, f".env.example lacks {sorted(missing)}"
+
+
+def test_set_value_changes_one_line_and_refuses_what_would_not_load(project):
+    from trainer.config_file import set_value
+    from trainer.errors import ProjectError
+
+    path = project / "config" / "fine_tuning_config.yaml"
+    before = path.read_text()
+    set_value(path, "base_model.local_path", "models/mine")
+    set_value(path, "base_model.quantization", "q4")  # a trailing comment stays
+    after = path.read_text()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+    assert [b for _, b in changed] == ['  local_path: "models/mine"', '  quantization: "q4"  # none | q4 | q8']
+    assert load_config(path, environ={}).base_model.local_path == Path("models/mine")
+    with pytest.raises(ConfigError, match="quantization"):
+        set_value(path, "base_model.quantization", "q3")
+    with pytest.raises(ProjectError, match="not written"):
+        set_value(path, "base_model.nothing", 1)
+    assert path.read_text() == after and not list(path.parent.glob(".check-*"))

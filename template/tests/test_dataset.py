@@ -14,6 +14,7 @@ import pytest
 
 from trainer.config import load_config
 from trainer.dataset_preparator import DatasetError, prepare
+from trainer.errors import ProjectError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -341,3 +342,26 @@ def test_raw_files_of_every_supported_format_are_found_by_default(config, projec
             path.write_text("")
         found = find_inputs(config.dataset, project, stage)
         assert set(added) <= set(found), f"stage {stage}: {sorted(map(str, found))}"
+
+
+def test_import_copies_only_data_that_validates_and_keeps_the_rest(config, project, tmp_path):
+    from trainer.data_import import import_files
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    good = inbox / "mine.jsonl"
+    field, answer = config.dataset.instruction_field, config.dataset.output_field
+    good.write_text("".join(json.dumps({field: f"q{i}", answer: f"a{i}"}) + "\n" for i in range(12)))
+    bad = inbox / "bad.jsonl"
+    bad.write_text(json.dumps({field: "q"}) + "\n")
+    raw = project / "data" / "raw"
+    before = sorted(p.name for p in raw.iterdir())
+    with pytest.raises(DatasetError, match=r"(?s)nothing was imported.*bad\.jsonl, line 1"):
+        import_files(config, [good, bad], replace_samples=True)
+    assert sorted(p.name for p in raw.iterdir()) == before
+    out = import_files(config, [good], replace_samples=True)
+    assert out["validation"]["counts"]["accepted"] == 12 and out["unmatched"] == []
+    assert (raw / "mine.jsonl").read_bytes() == good.read_bytes()
+    assert not [p for p in raw.glob("sample_dataset.*")] and out["removed_samples"]
+    with pytest.raises(ProjectError, match="already exists"):
+        import_files(config, [good])

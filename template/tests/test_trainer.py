@@ -195,7 +195,7 @@ def test_configure_creates_the_run_layout(prepared):
     for stage in stages:
         for sub in ("adapters", "checkpoints", "training-data", "evaluation"):
             assert (run_dir / f"stage{stage}" / sub).is_dir()
-    assert (run_dir / "final-model").is_dir()
+    assert not (run_dir / "final-model").exists()  # it holds the final adapter once the run completes
     manifest = json.loads((run_dir / "run-manifest.json").read_text())
     assert manifest["schema_version"] == "2.0"
     assert manifest["config"]["training"]["stage1"]["iterations"] == 12

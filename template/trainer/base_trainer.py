@@ -55,6 +55,9 @@ class TrainingCallback:
     def on_checkpoint(self, info: dict[str, Any]) -> None:
         pass
 
+    def on_first_step(self, info: dict[str, Any]) -> None:
+        """After the stage's first iteration: its pace (info["eta"]) before any report."""
+
 
 class Backend(ABC):
     """One engine. `load`, then `add_adapters`, then `setup_optimizer`, then steps."""
@@ -305,6 +308,12 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
             total, stops = world.sum([loss, float(stopping)])
             loss, stopping = total / world.size, stops > 0
         window_time += time.perf_counter() - tic
+        if iteration == plan.start_iteration + 1:  # a first pace, long before the first report
+            step = time.perf_counter() - tic
+            for callback in plan.callbacks:
+                callback.on_first_step({
+                    "stage": plan.stage, "iteration": iteration, "total_iterations": plan.iterations,
+                    "eta": round(step * (plan.iterations - iteration), 1)})
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"stage {plan.stage}: the training loss became {loss} at iteration {iteration}; "
                                 "lower the learning rate or check the data and the base model",

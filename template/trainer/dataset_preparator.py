@@ -555,6 +555,7 @@ def plan(
     writes[report_path] = text
     writes[reports_dir / f"latest{label}.json"] = text
     return Plan(writes, {
+        "stage": stage,
         "counts": report["counts"],
         "outputs": outputs,
         "report": _display(report_path, config.root),

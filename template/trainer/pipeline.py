@@ -38,7 +38,7 @@ from trainer.base_trainer import (
 from trainer.config import FineTuningConfig
 from trainer.emissions import StageEmissions
 from trainer.errors import advice
-from trainer.files import Reserve, write_json
+from trainer.files import TEMP_PREFIX, Reserve, write_json
 from trainer.tracking import Tracking, flatten
 from trainer.training_data import Sampler, quality_weights, read_records, tokenize
 from trainer.training_run_manager import RunError, RunManager, now
@@ -154,6 +154,20 @@ class RunRecorder(TrainingCallback):
 
     on_train_loss_report = _write
     on_val_loss_report = _write
+
+    def on_first_step(self, info: dict[str, Any]) -> None:
+        """The first iteration's pace: an ETA for the whole run right after it starts."""
+        done = self.offset + info["iteration"]
+        self.manager.write_status(self.run_id, stage=info["stage"], iteration=info["iteration"],
+                                  total_iterations=info["total_iterations"], progress=round(100 * done / self.total, 2),
+                                  eta_seconds=self.eta(info))
+
+    def on_checkpoint(self, info: dict[str, Any]) -> None:
+        """A checkpoint is where a resume starts: the status says that iteration (a cancel
+        between reports would otherwise show an older one than the checkpoint it kept)."""
+        done = self.offset + info["iteration"]
+        self.manager.write_status(self.run_id, stage=info["stage"], iteration=info["iteration"],
+                                  progress=round(100 * done / self.total, 2), last_checkpoint=info["iteration"])
 
 
 class Progress(TrainingCallback):
@@ -330,10 +344,33 @@ def _train(manager: RunManager, run_id: str, config: FineTuningConfig, stages: l
     if not world.main:  # every rank returns what rank 0 recorded
         results = {key: final["stages"][key].get("metrics", result) for key, result in results.items()}
     status = "completed" if all(s["status"] == "completed" for s in final["stages"].values()) else "not_started"
+    if status == "completed" and world.main:
+        manager.update_manifest(run_id, lambda m: m.__setitem__("final_model", _final_model(run_dir, final)))
     manager.write_status(run_id, status=status, finished_at=now(), progress=100.0 if status == "completed" else None)
     return {"run_id": run_id, "status": status, "backend": backend_name, "stages": results,
             "emissions": final.get("emissions"), "tracking": final.get("tracking"),
             "manifest_path": str(run_dir / "run-manifest.json")}
+
+
+def _final_model(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """runs/<id>/final-model/: the last stage's adapter, what the run produced, with a note
+    of where it comes from (export_model merges or converts it)."""
+    last = max(manifest["stages"], key=lambda key: int(key.removeprefix("stage")))
+    source = run_dir / manifest["stages"][last]["adapter_path"]
+    target = run_dir / "final-model"
+    tmp = run_dir / f"{TEMP_PREFIX}final-model-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    entry = {"path": "final-model", "stage": int(last.removeprefix("stage")), "source": f"{last}/adapters",
+             "adapter_format": manifest["stages"][last].get("adapter_format"),
+             "base_model": manifest["base_model"]["source"], "created_at": now()}
+    write_json(tmp / "final-model.json", entry)
+    old = run_dir / f"{TEMP_PREFIX}final-model-old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return entry
 
 
 def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, number: int, backend_name: str,

@@ -6,7 +6,7 @@ runs/<run_name>-<timestamp>/
     metrics.jsonl         one line per report (written by the trainer)
     config.yaml           the resolved config the run trains with
     train.log             the trainer's log
-    stage1/{adapters,checkpoints,training-data,evaluation}/   stage2/...   final-model/
+    stage1/{adapters,checkpoints,training-data,evaluation}/   stage2/...   final-model/ (once completed)
 
 Every manifest and status write is atomic; a lock held by the training process (flock,
 released by the kernel when the process dies) tells a live run from a dead one.
@@ -103,7 +103,6 @@ class RunManager:
         for stage in stages:
             for sub in ("adapters", "checkpoints", "training-data", "evaluation"):
                 (run_dir / f"stage{stage}" / sub).mkdir(parents=True, exist_ok=True)
-        (run_dir / "final-model").mkdir(exist_ok=True)
 
         stage_entries = {}
         for stage in stages:

@@ -1,0 +1,126 @@
+"""Give the project its base model without a shell: build the tiny smoke-test model, or bring
+a local Hugging Face model folder or a GGUF file into models/, then point base_model.local_path
+at it in config/fine_tuning_config.yaml (that one line changes; comments stay)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer import guard, tiny_model
+from trainer.config import DEFAULT_CONFIG, FineTuningConfig
+from trainer.config_file import set_value
+from trainer.dataset_preparator import DatasetError, collect, find_inputs
+from trainer.errors import ProjectError
+from trainer.files import TEMP_PREFIX
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def corpus(config: FineTuningConfig) -> list[str]:
+    """The project's own raw texts, so a tiny tokenizer fits its data (empty if none is readable)."""
+    try:
+        examples = collect(config, find_inputs(config.dataset, config.root)).examples
+    except DatasetError:
+        return []
+    return [m["content"] for e in examples for m in e.messages]
+
+
+def _relative(config: FineTuningConfig, path: Path) -> str:
+    try:
+        return str(path.relative_to(config.root))
+    except ValueError:
+        return str(path)
+
+
+def _point(config: FineTuningConfig, path: Path, config_file: Optional[Path]) -> str:
+    value = _relative(config, path)
+    set_value(config_file or DEFAULT_CONFIG, "base_model.local_path", value)
+    return value
+
+
+def build_tiny(config: FineTuningConfig, architecture: Optional[str] = None, seed: int = 0,
+               config_file: Optional[Path] = None) -> dict[str, Any]:
+    architecture = architecture or config.base_model.architecture
+    output = guard.check_path(config.root / "models" / f"tiny-{architecture}", "the tiny model's folder")
+    summary = tiny_model.build(architecture, output, corpus(config), seed=seed)
+    return {"kind": "tiny", "architecture": architecture, "local_path": _point(config, output, config_file),
+            "path": str(output), "parameters": summary["parameters"], "verified": summary.get("verified")}
+
+
+def _model_type(folder: Path) -> str:
+    try:
+        value = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    if not isinstance(value, str):
+        raise ProjectError(f"{folder} is not a Hugging Face model folder (its config.json is missing, unreadable or "
+                           "names no model_type)")
+    return value
+
+
+def _staged(target: Path) -> Path:
+    tmp = target.parent / f"{TEMP_PREFIX}{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _convert_gguf(source: Path, tmp: Path) -> None:
+    """transformers reads the GGUF (weights dequantized, tokenizer and chat template kept)."""
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as error:
+        raise ProjectError(f"reading a GGUF file needs transformers and gguf ({error.name} is missing); "
+                           "pip install -e '.[transformers,gguf]'") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    except Exception as error:  # an unsupported architecture or a damaged file: say which file
+        raise ProjectError(f"transformers could not read the GGUF file {source}: {type(error).__name__}: "
+                           f"{str(error)[:300]}") from None
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+
+
+def bring(config: FineTuningConfig, source: Path | str, name: Optional[str] = None,
+          config_file: Optional[Path] = None) -> dict[str, Any]:
+    """Use a model folder (copied into models/ unless it already lies in the project) or a GGUF
+    file (converted into a Hugging Face folder in models/) as the base model. An existing
+    models/<name> is never replaced: it may be the user's."""
+    path = guard.check_path(source, f"the model source {source}")
+    models = guard.check_path(config.root / "models", "the models folder")
+    if path.is_dir():
+        guard.check_tree(path, f"the model source {source}")  # a link inside may not lead out of the roots
+        model_type = _model_type(path)
+        if path.is_relative_to(config.root):
+            return {"kind": "directory", "model_type": model_type, "copied": False,
+                    "local_path": _point(config, path, config_file), "path": str(path)}
+        kind = "directory"
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        kind = "gguf"
+    else:
+        raise ProjectError(f"the model source {source} is neither a model folder (with config.json) nor a .gguf file")
+    target = models / (name or (path.name if kind == "directory" else path.stem))
+    if not NAME.fullmatch(target.name):
+        raise ProjectError(f"model name {target.name!r}: use letters, digits, '.', '_' and '-'")
+    if target.is_symlink() or target.exists():
+        raise ProjectError(f"{_relative(config, target)} already exists; nothing was changed (give another name)")
+    models.mkdir(exist_ok=True)
+    tmp = _staged(target)
+    try:
+        if kind == "directory":
+            shutil.copytree(path, tmp)
+        else:
+            _convert_gguf(path, tmp)
+        model_type = _model_type(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    return {"kind": kind, "model_type": model_type, "copied": True, "source": str(path),
+            "local_path": _point(config, target, config_file), "path": str(target), "size_mb": round(size / 1e6, 2)}
