@@ -42,8 +42,7 @@ async def scenario(args) -> dict:
         args, "health-narrative-olmo",
         {"description": "Plain-language patient narratives from structured summaries",
          "base_model": {"type": "olmo"},
-         "training": {"quality_weight_multiplier": 2.5, "quality_threshold": 0.8},
-         "features": {"enable_quality_weighting": True}},
+         "training": {"quality_weighting": {"enabled": True, "multiplier": 2.5, "threshold": 0.8}}},
         rows(), ["Write a plain-language narrative of this patient summary.\n\nage 62; sex woman; dx asthma; "
                  "rx an inhaled corticosteroid; finding peak flow 70% of predicted; visit follow-up"],
         tiny="olmo2")

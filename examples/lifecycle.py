@@ -2,10 +2,11 @@
 official MCP SDK client, and drive one fine-tuning project from generation to export.
 
 Each example passes its scenario (answers, training rows, questions to ask the tuned model);
-this module runs the tool calls and prints one line per call. By default the base model is a
-tiny local model of the real architecture, built by the project's own make_tiny_model.py,
-so an example runs anywhere in minutes; --model-id trains the real model instead (it is
-downloaded from the Hugging Face Hub).
+this module runs the tool calls and prints one line per call. Everything goes through MCP: the
+rows are imported with import_data, and by default the base model is a tiny local model of the
+real architecture, built with set_base_model(tiny=true), so an example runs anywhere in minutes;
+--model-id trains the real model instead (it is downloaded from the Hugging Face Hub). A long
+call that answers with a running job is followed with wait_for_job, as any agent would.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,8 +55,17 @@ async def call(client: Client, tool: str, arguments: dict[str, Any]) -> dict[str
     result = await client.call_tool(tool, arguments)
     if result.is_error:
         raise SystemExit(f"{tool} failed: {result.content[0].text}")
+    out = result.structured_content
+    if out.get("job_status") == "running":  # the work goes on: its result comes from wait_for_job
+        state = out
+        while state.get("job_status") == "running" or state.get("status") == "running":
+            state = (await client.call_tool("wait_for_job", {"project_path": arguments["project_path"],
+                                                             "job_id": out["job_id"]})).structured_content
+        if state["status"] != "completed":
+            raise SystemExit(f"{tool} {state['status']}: {state.get('error')}")
+        out = state["result"]
     print(f"[{time.monotonic() - began:6.1f}s] {tool}", file=sys.stderr, flush=True)
-    return result.structured_content
+    return out
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -75,30 +84,30 @@ async def lifecycle(args: argparse.Namespace, project_name: str, answers: dict[s
     base = dict(answers.get("base_model", {}))
     if args.model_id:
         base["model_id"] = args.model_id
-    else:
-        base["local_path"] = f"models/tiny-{tiny}"
     # a random tiny model needs a high learning rate to learn anything in a few dozen steps
-    fast = {} if args.model_id else {"learning_rate": 3e-3, **({"stage2_learning_rate": 2e-3} if stages == 2 else {})}
-    training = {"num_stages": stages, "backend": args.backend, "stage1_iterations": args.iterations, **fast,
-                "warmup_steps": 2, "save_steps": max(args.iterations // 2, 1),
-                "eval_steps": max(args.iterations // 2, 1),
-                **({"stage2_iterations": args.iterations, "stage2_warmup_steps": 2} if stages == 2 else {}),
+    fast = {} if args.model_id else {"learning_rate": 3e-3}
+    training = {"num_stages": stages, "backend": args.backend,
+                "stage1": {"iterations": args.iterations, "warmup_steps": 2, **fast},
+                "save_steps": max(args.iterations // 2, 1), "eval_steps": max(args.iterations // 2, 1),
                 **answers.get("training", {})}
+    if stages == 2:
+        training["stage2"] = {"iterations": args.iterations, "warmup_steps": 2,
+                              **({} if args.model_id else {"learning_rate": 2e-3}), **training.get("stage2", {})}
+    inbox = output_dir / "inbox" / project_name  # the user's files, outside the project (inside the roots)
     async with Client(server_parameters(args.server, output_dir), read_timeout_seconds=3600) as client:
         generated = await call(client, "generate_fine_tuning_project", {
             **{k: v for k, v in answers.items() if k not in ("base_model", "training")},
             "project_name": project_name, "base_model": base, "training": training})
         project = Path(generated["project_path"])
-        inputs = [str(write_rows(project / "data" / "raw" / f"{project_name}.jsonl", rows))]
+        where = {"project_path": str(project)}
+        for stage, stage_rows in ((1, rows), (2, stage2_rows)):
+            if stage_rows:
+                data = write_rows(inbox / f"stage{stage}.jsonl", stage_rows)
+                await call(client, "import_data", {**where, "files": [str(data)], "stage": stage,
+                                                   "replace_samples": True})
         if not args.model_id:  # no downloads: a tiny model of the same architecture, its tokenizer fit to the data
-            python = os.environ.get("OLMO_PROJECT_PYTHON", sys.executable)
-            subprocess.run([python, "scripts/make_tiny_model.py", "--architecture", tiny, "--no-verify", "--json"],
-                           cwd=project, check=True, capture_output=True)
-        prepared = await call(client, "prepare_dataset", {"project_path": str(project), "input_files": inputs})
-        if stage2_rows:
-            stage2 = [str(write_rows(project / "data" / "raw" / "stage2" / f"{project_name}.jsonl", stage2_rows))]
-            prepared["stages"].update((await call(client, "prepare_dataset", {
-                "project_path": str(project), "input_files": stage2, "stage": 2}))["stages"])
+            await call(client, "set_base_model", {**where, "tiny": True, "architecture": tiny})
+        prepared = await call(client, "prepare_dataset", where)
         run_id = (await call(client, "configure_training_run",
                              {"project_path": str(project), "run_name": "example"}))["run_id"]
         await call(client, "start_training", {"project_path": str(project), "run_id": run_id})

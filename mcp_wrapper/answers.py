@@ -8,6 +8,7 @@ SECTIONS is the only thing written here: which spec field is which question.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -15,17 +16,20 @@ import yaml
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-# spec section -> {spec field: copier question}
-SECTIONS: dict[str, dict[str, str]] = {
+# spec section -> {field: copier question, or {field: question} for a group inside it}
+STAGE = {"iterations": "{s}_iterations", "learning_rate": "{s}_learning_rate", "batch_size": "{s}_batch_size",
+         "warmup_steps": "{s}_warmup_steps"}
+SECTIONS: dict[str, dict[str, Any]] = {
     "base_model": {"type": "model_type", "model_id": "model_id", "local_path": "model_local_path",
                    "quantization": "quantization"},
     "training": {
-        "num_stages": "num_stages", "backend": "backend", "stage1_iterations": "stage1_iterations",
-        "learning_rate": "stage1_learning_rate", "batch_size": "stage1_batch_size",
-        "warmup_steps": "stage1_warmup_steps", "stage2_iterations": "stage2_iterations",
-        "stage2_learning_rate": "stage2_learning_rate", "stage2_batch_size": "stage2_batch_size",
-        "stage2_warmup_steps": "stage2_warmup_steps", "replay_ratio": "replay_ratio",
-        "quality_weight_multiplier": "quality_weight_multiplier", "quality_threshold": "quality_threshold",
+        "num_stages": "num_stages", "backend": "backend",
+        # the two stages take the same keys (stage 2 adds replay), as in the config file
+        "stage1": {k: q.format(s="stage1") for k, q in STAGE.items()},
+        "stage2": {**{k: q.format(s="stage2") for k, q in STAGE.items()}, "replay_ratio": "replay_ratio"},
+        # weighting's switch, multiplier and threshold together
+        "quality_weighting": {"enabled": "enable_quality_weighting", "multiplier": "quality_weight_multiplier",
+                              "threshold": "quality_threshold"},
         "gradient_accumulation_steps": "gradient_accumulation_steps", "save_steps": "save_steps",
         "eval_steps": "eval_steps", "max_seq_length": "max_seq_length",
         "gradient_checkpointing": "gradient_checkpointing", "seed": "seed",
@@ -37,15 +41,14 @@ SECTIONS: dict[str, dict[str, str]] = {
                 "metadata_field": "metadata_field", "train_split": "train_split",
                 "validation_split": "validation_split", "test_split": "test_split"},
     "features": {name: name for name in (
-        "enable_mlx_optimization", "enable_quality_weighting", "enable_carbontracking", "enable_mlflow",
-        "enable_wandb", "enable_huggingface_upload", "enable_evaluation")},
+        "enable_mlx_optimization", "enable_carbontracking", "enable_mlflow", "enable_wandb",
+        "enable_huggingface_upload", "enable_evaluation")},
     "export": {"formats": "export_formats"},
+    # the one place for CodeCarbon's project name
     "carbon_config": {"project_name": "carbon_project_name", "country_iso_code": "carbon_country_iso_code",
                       "offline_mode": "carbon_offline_mode"},
     "integrations": {"mlflow_tracking_uri": "mlflow_tracking_uri", "wandb_project": "wandb_project",
-                     "hf_repo_prefix": "hf_repo_prefix", "hf_private_repos": "hf_private_repos",
-                     # the spec's name for carbon_config.project_name
-                     "codecarbon_project_name": "carbon_project_name"},
+                     "hf_repo_prefix": "hf_repo_prefix", "hf_private_repos": "hf_private_repos"},
 }
 # top-level tool parameters that are questions too
 TOP_LEVEL = {"project_name": "project_name", "description": "project_description", "version": "project_version"}
@@ -72,16 +75,51 @@ def _description(spec: dict[str, Any], question: str) -> str:
     return f"{text} (copier question '{question}'; default: {shown})"
 
 
+GROUPS = {"stage1": "stage 1 (general training): iterations, learning_rate, batch_size, warmup_steps",
+          "stage2": "stage 2 (domain specialisation, with num_stages 2): the same keys as stage1, plus replay_ratio",
+          "quality_weighting": "quality-weighted sampling: enabled, multiplier, threshold"}
+
+
+def leaves(fields: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted field, copier question) of a section, groups included."""
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _model(title: str, fields: dict[str, Any], specs: dict[str, dict[str, Any]]) -> type[BaseModel]:
+    members: dict[str, Any] = {}
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            group = _model(title + "".join(p.title() for p in name.split("_")), value, specs)
+            members[name] = (Optional[group], Field(default=None, description=GROUPS.get(name, name)))
+        else:
+            members[name] = (_annotation(specs[value]), Field(default=None, description=_description(specs[value],
+                                                                                                     value)))
+    return create_model(title + "Input", __config__=ConfigDict(extra="forbid"), **members)
+
+
 def input_models(template: Path) -> dict[str, type[BaseModel]]:
-    """One pydantic model per spec section; unknown fields are rejected."""
+    """One pydantic model per spec section (groups nested); unknown fields are rejected."""
     specs = questions(template)
-    models = {}
-    for section, fields in SECTIONS.items():
-        members = {name: (_annotation(specs[q]), Field(default=None, description=_description(specs[q], q)))
-                   for name, q in fields.items()}
-        title = "".join(part.title() for part in section.split("_")) + "Input"
-        models[section] = create_model(title, __config__=ConfigDict(extra="forbid"), **members)
-    return models
+    return {section: _model("".join(part.title() for part in section.split("_")), fields, specs)
+            for section, fields in SECTIONS.items()}
+
+
+def _given(value: Any) -> dict[str, Any]:
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_none=True)
+    return {k: _given(v) if isinstance(v, BaseModel) else v for k, v in dict(value).items() if v is not None}
+
+
+def _flat(given: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, item in given.items():
+        if isinstance(item, dict):
+            yield from _flat(item, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", item
 
 
 def to_answers(top: dict[str, Any], sections: dict[str, BaseModel | dict | None]) -> dict[str, Any]:
@@ -90,20 +128,18 @@ def to_answers(top: dict[str, Any], sections: dict[str, BaseModel | dict | None]
     for section, value in sections.items():
         if value is None:
             continue
-        given = value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else dict(value)
-        for name, item in given.items():
-            question = SECTIONS[section][name]
-            if question in answers and answers[question] != item:
-                raise ToolError(f"{section}.{name} and another field both set copier question '{question}' "
-                                f"to different values ({answers[question]!r} vs {item!r})")
-            answers[question] = item
+        questions_of = dict(leaves(SECTIONS[section]))
+        for name, item in _flat(_given(value)):
+            if name not in questions_of:
+                raise ToolError(f"{section}.{name} is not a field of {section}")
+            answers[questions_of[name]] = item
     return answers
 
 
 def field_of(question: str) -> str:
     """The tool field that answers a copier question (for error messages)."""
     for section, fields in SECTIONS.items():
-        for name, q in fields.items():
+        for name, q in leaves(fields):
             if q == question:
                 return f"{section}.{name}"
     return next((k for k, q in TOP_LEVEL.items() if q == question), question)

@@ -28,6 +28,7 @@ JOB_ID = re.compile(r"[a-z_]+-\d{8}-\d{6}-[0-9a-f]{6}")
 WAIT_DEFAULT = 40.0  # seconds a long call waits for its job before answering with the job id
 WAIT_MAX = 50.0  # below the 60 s many clients allow a request
 RESULT_LIMIT = 1 << 20  # a script's result line is read back up to 1 MiB
+KEEP_SECONDS = 7 * 24 * 3600  # an ended job's files stay this long for wait_for_job
 
 
 def _start_time(pid: int) -> Optional[str]:
@@ -59,13 +60,34 @@ class JobTools(ProjectAccess):
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
+    def forget_job(self, project: Path, job_id: str, client_roots: Optional[list[Path]]) -> None:
+        """Remove an ended job's folder (the job's own files only: stdout, stderr, job.json, exit.json)."""
+        folder = self.job_folder(project, job_id, client_roots)
+        for name in ("stdout", "stderr", "job.json", "exit.json"):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # anything else in it is not the job's, and stays
+
+    def _prune(self, jobs: Path, client_roots: Optional[list[Path]]) -> None:
+        """Jobs that ended more than KEEP_SECONDS ago are forgotten."""
+        cutoff = time.time() - KEEP_SECONDS
+        for folder in jobs.iterdir():
+            with contextlib.suppress(OSError, ToolError):
+                ended = folder / "exit.json"
+                if JOB_ID.fullmatch(folder.name) and not folder.is_symlink() and ended.is_file() \
+                        and ended.stat().st_mtime < cutoff:
+                    self.forget_job(jobs.parent.parent, folder.name, client_roots)
+
     def start_job(self, project: Path, tool: str, script: str, args: list[str], client_roots: Optional[list[Path]],
                   timeout: float, stdin: Optional[str] = None) -> str:
         """Run scripts/<script> --json in the background; its stdout, stderr and exit code go
         to the job's folder. A thread reaps it, and kills it (its whole group) after `timeout`."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         job_id = f"{tool}-{stamp}-{secrets.token_hex(3)}"
-        folder = self.jobs_dir(project, client_roots) / job_id
+        jobs = self.jobs_dir(project, client_roots)
+        self._prune(jobs, client_roots)
+        folder = jobs / job_id
         folder.mkdir()
         argv = [self.settings.project_python(project), str(project / "scripts" / script), "--json", *args]
         with (folder / "stdout").open("wb") as out, (folder / "stderr").open("wb") as err:

@@ -165,20 +165,20 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
             "the model to fine-tune: type (olmo, llama, mistral, custom), Hub model_id, "
             "local_path, quantization"))] = None,
         training: Annotated[Optional[TrainingInput], Field(description=(
-            "stages, backend, iterations, learning rates, batch sizes, warmup, replay, "
-            "quality weighting, checkpoints and evaluation steps, sequence length, seed"))] = None,
+            "num_stages, backend; stage1 and stage2 with the same keys (iterations, learning_rate, batch_size, "
+            "warmup_steps; stage2 adds replay_ratio); quality_weighting (enabled, multiplier, threshold); "
+            "checkpoint and evaluation steps, sequence length, seed"))] = None,
         lora: Annotated[Optional[LoraInput], Field(description=(
             "LoRA rank, alpha, dropout, target modules and layers"))] = None,
         dataset: Annotated[Optional[DatasetInput], Field(description=(
             "raw data format, the names of its fields, and the split ratios"))] = None,
         features: Annotated[Optional[FeaturesInput], Field(description=(
-            "optional parts: mlx optimization, quality weighting, carbon tracking, MLflow, "
-            "W&B, Hub upload, evaluation"))] = None,
+            "optional parts: mlx optimization, carbon tracking, MLflow, W&B, Hub upload, evaluation "
+            "(quality weighting is training.quality_weighting)"))] = None,
         carbon_config: Annotated[Optional[CarbonInput], Field(description=(
-            "CodeCarbon: project name, country ISO code, offline mode"))] = None,
+            "CodeCarbon: project name (its only place), country ISO code, offline mode"))] = None,
         integrations: Annotated[Optional[IntegrationsInput], Field(description=(
-            "MLflow tracking URI, W&B project, Hugging Face repo prefix and privacy, "
-            "CodeCarbon project name"))] = None,
+            "MLflow tracking URI, W&B project, Hugging Face repo prefix and privacy"))] = None,
         export: Annotated[Optional[ExportInput], Field(description=(
             "the export formats the project's config lists by default"))] = None,
         template_version: Annotated[Optional[str], Field(description="template tag (default: newest)")] = None,

@@ -235,6 +235,8 @@ class Tools(RunTools, JobTools):
         job_id = self.start_job(project, tool, script, args, client_roots, timeout, stdin)
         state = self.wait_job(str(project), job_id, wait_seconds, client_roots, tick)
         model = PARSERS[tool][0]
+        if state.status != "running":  # the answer carries it all: no job is left to poll
+            self.forget_job(project, job_id, client_roots)
         if state.status == "completed":
             return model.model_validate({**state.result, "job_id": job_id, "job_status": "completed"})
         if state.status == "running":

@@ -43,8 +43,8 @@ def test_full_lifecycle_over_stdio(tmp_path):
             assert {"generate_fine_tuning_project", "start_training", "cancel_training"} <= tools
             project = (await call(client, "generate_fine_tuning_project", {
                 "project_name": "stdio-e2e", "base_model": {"type": "olmo", "local_path": "models/tiny-olmo2"},
-                "training": {"num_stages": 2, "stage1_iterations": 20, "stage2_iterations": 10,
-                             "learning_rate": 3e-3, "warmup_steps": 2, "backend": "transformers"}}))["project_path"]
+                "training": {"num_stages": 2, "stage1": {"iterations": 20, "learning_rate": 3e-3, "warmup_steps": 2},
+                             "stage2": {"iterations": 10}, "backend": "transformers"}}))["project_path"]
             # the tiny model is built by the project's own script (no hub access)
             subprocess.run([sys.executable, "scripts/make_tiny_model.py", "--no-verify", "--json"], cwd=project,
                            check=True, capture_output=True)

@@ -77,7 +77,8 @@ def test_tools_have_input_and_output_schemas(server):
 
 def test_every_question_is_answerable_and_nothing_else():
     asked = set(questionnaire())
-    mapped = {q for fields in mapping.SECTIONS.values() for q in fields.values()} | set(mapping.TOP_LEVEL.values())
+    mapped = {q for fields in mapping.SECTIONS.values() for _, q in mapping.leaves(fields)} | set(
+        mapping.TOP_LEVEL.values())
     assert mapped == asked, {"unanswerable": asked - mapped, "unknown to copier": mapped - asked}
 
 
@@ -97,30 +98,38 @@ def test_nested_values_reach_the_answers(server, root):
     out = mcp_ok(server, "generate_fine_tuning_project", {
         "project_name": "nested", "description": "Health notes", "version": "2.0.0",
         "base_model": {"type": "llama", "quantization": "q4"},
-        "training": {"num_stages": 2, "learning_rate": 1e-4, "batch_size": 8, "replay_ratio": 0.2},
+        "training": {"num_stages": 2, "stage1": {"learning_rate": 1e-4, "batch_size": 8},
+                     "stage2": {"iterations": 40, "learning_rate": 2e-4, "replay_ratio": 0.2},
+                     "quality_weighting": {"enabled": True, "multiplier": 3.0, "threshold": 0.6}},
         "lora": {"rank": 16, "target_modules": ["q_proj", "v_proj"]},
         "dataset": {"format": "csv", "quality_field": "score"},
         "features": {"enable_mlflow": True},
-        "integrations": {"codecarbon_project_name": "carbon-x", "mlflow_tracking_uri": "http://127.0.0.1:5000"},
+        "carbon_config": {"project_name": "carbon-x"},
+        "integrations": {"mlflow_tracking_uri": "http://127.0.0.1:5000"},
     })
     a = out["answers"]
     assert (a["model_type"], a["model_id"], a["quantization"]) == ("llama", "meta-llama/Llama-3.2-1B-Instruct", "q4")
     assert (a["num_stages"], a["stage1_learning_rate"], a["stage1_batch_size"], a["replay_ratio"]) == (2, 1e-4, 8, 0.2)
+    assert (a["stage2_iterations"], a["stage2_learning_rate"]) == (40, 2e-4)
+    assert (a["enable_quality_weighting"], a["quality_weight_multiplier"], a["quality_threshold"]) == (True, 3.0, 0.6)
     assert (a["lora_rank"], a["lora_alpha"], a["lora_target_modules"]) == (16, 32, ["q_proj", "v_proj"])
     assert (a["dataset_format"], a["quality_field"], a["carbon_project_name"]) == ("csv", "score", "carbon-x")
     assert a["project_description"] == "Health notes" and a["mlflow_tracking_uri"] == "http://127.0.0.1:5000"
     config = yaml.safe_load((root / "nested" / "config" / "fine_tuning_config.yaml").read_text())
     assert config["training"]["stage2"]["replay_ratio"] == 0.2 and config["mlflow"]["enabled"] is True
+    assert config["training"]["stage2"]["learning_rate"] == 2e-4 and config["training"]["quality_weight_multiplier"] == 3.0
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
     ({"lora": {"rank": 0}}, "lora.rank: lora_rank must be in [1, 1024], got 0"),
-    ({"training": {"replay_ratio": 1.5, "num_stages": 2}}, "training.replay_ratio: replay_ratio must be in [0, 1)"),
+    ({"training": {"stage2": {"replay_ratio": 1.5}, "num_stages": 2}},
+     "training.stage2.replay_ratio: replay_ratio must be in [0, 1)"),
+    ({"training": {"stage1": {"iterations": 0}}}, "training.stage1.iterations: stage1_iterations must be"),
     ({"base_model": {"type": "custom"}}, "base_model.model_id: model_id must be a Hugging Face id"),
     ({"lora": {"rnak": 4}}, "lora.rnak"),
     ({"base_model": {"type": "gpt"}}, "base_model.type"),
-    ({"carbon_config": {"project_name": "a"}, "integrations": {"codecarbon_project_name": "b"}},
-     "both set copier question 'carbon_project_name'"),
+    ({"integrations": {"codecarbon_project_name": "b"}}, "integrations.codecarbon_project_name"),
+    ({"training": {"learning_rate": 1e-4}}, "training.learning_rate"),  # it is training.stage1.learning_rate
 ])
 def test_bad_answers_are_refused_naming_the_field(server, root, arguments, message):
     text = mcp_error(server, "generate_fine_tuning_project", {"project_name": "bad", **arguments})

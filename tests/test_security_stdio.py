@@ -66,7 +66,7 @@ def test_attacks_over_stdio_are_refused_and_change_nothing(tmp_path):
             await refused(client, "generate_fine_tuning_project", {"project_name": "sneaky"}, "sneaky")
             project = (await ok(client, "generate_fine_tuning_project", {
                 "project_name": "p", "base_model": {"local_path": "models/tiny-olmo2"},
-                "training": {"num_stages": 1, "stage1_iterations": 6, "warmup_steps": 1,
+                "training": {"num_stages": 1, "stage1": {"iterations": 6, "warmup_steps": 1},
                              "backend": "transformers"}}))["project_path"]
             subprocess.run([sys.executable, "scripts/make_tiny_model.py", "--no-verify", "--json"], cwd=project,
                            check=True, capture_output=True)
