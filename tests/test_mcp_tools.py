@@ -117,7 +117,8 @@ def test_nested_values_reach_the_answers(server, root):
     assert a["project_description"] == "Health notes" and a["mlflow_tracking_uri"] == "http://127.0.0.1:5000"
     config = yaml.safe_load((root / "nested" / "config" / "fine_tuning_config.yaml").read_text())
     assert config["training"]["stage2"]["replay_ratio"] == 0.2 and config["mlflow"]["enabled"] is True
-    assert config["training"]["stage2"]["learning_rate"] == 2e-4 and config["training"]["quality_weight_multiplier"] == 3.0
+    assert config["training"]["stage2"]["learning_rate"] == 2e-4
+    assert config["training"]["quality_weight_multiplier"] == 3.0
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
