@@ -87,7 +87,7 @@ def test_the_whole_job_through_mcp_alone(tmp_path, template):  # noqa: F811
             time.sleep(1)
         assert seen["status"] == "completed", seen
 
-        evaluated = client.call("evaluate_model", **at, run_id=run_id, stage=2, max_samples=4)
+        evaluated = client.call("evaluate_model", **at, run_id=run_id, stage=2, max_samples=4, wait_seconds=0)
         assert evaluated["evaluation_results"]["perplexity"] > 1 and evaluated["forgetting"] is not None
         answer = client.call("generate_text", **at, run_id=run_id, prompt="Spell the word amber backwards.",
                              max_tokens=8)
