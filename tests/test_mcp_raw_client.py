@@ -109,6 +109,8 @@ def test_the_whole_job_through_mcp_alone(tmp_path, template):  # noqa: F811
         assert updated["conflicts"] == [] and "config/fine_tuning_config.yaml" in updated["changed_files"]
         config = (Path(project) / "config" / "fine_tuning_config.yaml").read_text()
         assert 'local_path: "models/tiny-olmo2"' in config and "checkpoint_steps: 10" in config
+        raw = Path(project) / "data" / "raw"  # the samples the import replaced stay away: only the user's data
+        assert sorted(p.name for p in raw.rglob("*.*")) == ["domain.parquet", "general.jsonl"]
         assert client.call("commit_project", **at, message="template v0.2.0")["committed"]
         assert client.call("monitor_training_progress", **at, run_id=run_id)["status"] == "completed"
     finally:
