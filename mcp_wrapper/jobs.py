@@ -41,9 +41,19 @@ def _start_time(pid: int) -> Optional[str]:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _alive(pid: int, started: Optional[str]) -> bool:
+def _alive(pid: int, started: Optional[str], script: Optional[Path] = None) -> bool:
+    """Whether the job's process still runs: the same pid with the same start time (and, when
+    `script` is given, that script on its command line), so a reused pid is never mistaken."""
     if Path("/proc/self").is_dir():
-        return started is not None and _start_time(pid) == started
+        if started is None or _start_time(pid) != started:
+            return False
+        if script is None:
+            return True
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return str(script).encode() in argv
     try:
         os.kill(pid, 0)
     except OSError:
@@ -200,12 +210,14 @@ class JobTools(ProjectAccess):
         with contextlib.suppress(OSError):  # the ended record first: the reaper then leaves it
             (folder / "exit.json").write_text(json.dumps({"returncode": None, "ended": "cancelled"}),
                                               encoding="utf-8")
-        if _alive(pid, record.get("started")):  # only the job's own process group, confirmed by start time
+        script = project / "scripts" / str(record.get("script"))
+        if _alive(pid, record.get("started"), script):  # only the job's own process group: start time and argv
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and _alive(pid, record.get("started")):
+            while time.monotonic() < deadline and _alive(pid, record.get("started"), script):
                 time.sleep(0.1)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+            if _alive(pid, record.get("started"), script):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
         return self.job_state(project, job_id, client_roots)

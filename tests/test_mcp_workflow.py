@@ -148,3 +148,41 @@ def test_commit_project_leaves_a_clean_tree(env):
     tracked = subprocess.run(["git", "ls-files"], cwd=project, capture_output=True, text=True).stdout.splitlines()
     assert not [f for f in tracked if f.startswith(("models/", "runs/2", ".tmp/jobs", "data/processed/stage"))]
     # (update_project then merges a newer template tag: test_mcp_raw_client does the whole job that way)
+
+
+def test_new_tools_hold_the_roots_and_signal_only_their_own_jobs(env):
+    import os
+    import signal
+    import sys
+
+    project, outside = env["project"], env["root"].parent / f"{env['root'].name}-outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "secret.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    (env["root"] / "inbox").mkdir(exist_ok=True)
+    link = env["root"] / "inbox" / "innocent.jsonl"
+    link.unlink(missing_ok=True)
+    link.symlink_to(outside / "secret.jsonl")  # inside the roots by name, outside by target
+    before = snapshot(project / "data")
+    assert "outside" in error(env, "import_data", files=[str(link)])
+    assert snapshot(project / "data") == before
+    shelf = env["root"] / "shelf" / "linked-model"
+    shutil.copytree(project / "models" / "tiny-olmo2", shelf)
+    (shelf / "extra.bin").symlink_to(outside / "secret.jsonl")
+    assert "outside" in error(env, "set_base_model", source=str(shelf))
+    assert not (project / "models" / "linked-model").exists()
+    assert "name" in error(env, "set_base_model", source=str(shelf), name="../escape")
+
+    # a job record that names another process (here: a sleeping child of this test) is never signalled
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        stat = Path(f"/proc/{victim.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        forged = project / ".tmp" / "jobs" / "export_model-20260101-000000-abcdef"
+        forged.mkdir(parents=True)
+        (forged / "job.json").write_text(json.dumps({
+            "job_id": forged.name, "tool": "export_model", "script": "export.py", "pid": victim.pid,
+            "started": stat, "started_at": "2026-01-01T00:00:00+00:00", "timeout_s": 60}))
+        mcp_call(env["server"], "cancel_job", {"project_path": str(project), "job_id": forged.name})
+        assert victim.poll() is None, "a process that is not the job's own script was signalled"
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()

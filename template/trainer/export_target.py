@@ -23,7 +23,7 @@ from trainer.files import write_json
 MARKER = ".olmo-export.json"
 # the project's own folders, besides those the config names
 OWN_FOLDERS = ("config", "data", "runs", "models", "trainer", "scripts", "tests", ".git", "emissions", "logs",
-               ".venv", "mlruns", "wandb", "upload_staging", "includes")
+               ".venv", "mlruns", "wandb", "upload_staging", "includes", ".tmp")  # .tmp: scratch and the server's jobs
 
 
 class ExportTargetError(ProjectError):
