@@ -54,7 +54,7 @@ async def scenario(args) -> dict:
     return await lifecycle.lifecycle(
         args, "security-analysis-llama",
         {"description": "Log analysis and web-attack triage", "base_model": {"type": "llama"},
-         "training": {"replay_ratio": 0.2}},
+         "training": {"stage2": {"replay_ratio": 0.2}}},
         general(), ["Triage this web request.\n\n203.0.113.7 GET /search?q=' OR 1=1 --"],
         tiny="llama", stage2_rows=web_attacks())
 
