@@ -139,17 +139,18 @@ class JobTools(ProjectAccess):
     def job_state(self, project: Path, job_id: str, client_roots: Optional[list[Path]]) -> JobResult:
         folder = self.job_folder(project, job_id, client_roots)
         try:
-            record = read_object(folder / "job.json")
+            record = read_object(self.path(folder / "job.json", f"the record of job {job_id}", client_roots))
+            started, pid, tool = datetime.fromisoformat(record["started_at"]), int(record["pid"]), str(record["tool"])
         except FileProblem as problem:
             raise ToolError(f"job {job_id}: {problem}") from None
-        started = datetime.fromisoformat(record["started_at"])
+        except (KeyError, TypeError, ValueError):
+            raise ToolError(f"job {job_id}: its job.json is not a record the server wrote") from None
         elapsed = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
-        tool = record.get("tool", "?")
-        exit_file = folder / "exit.json"
+        exit_file = self.path(folder / "exit.json", f"the exit record of job {job_id}", client_roots)
         ended = None
         with contextlib.suppress(FileProblem):
             ended = read_object(exit_file) if exit_file.is_file() else None
-        if ended is None and _alive(int(record["pid"]), record.get("started")):
+        if ended is None and _alive(pid, record.get("started")):
             tail = tail_lines(folder / "stderr", 5)
             return JobResult(job_id=job_id, tool=tool, status="running", elapsed_seconds=elapsed,
                              log_tail=untrusted("\n".join(tail)) if tail else None,
