@@ -27,7 +27,7 @@ SOURCES = {
     "trainer/evaluation.py", "trainer/export.py", "trainer/generation.py",
     "trainer/export_engines.py", "trainer/export_target.py", "trainer/files.py", "trainer/gguf_export.py",
     "trainer/guard.py", "trainer/hub.py",
-    "trainer/mlx_trainer.py", "trainer/model_card.py", "trainer/monitor_api.py", "trainer/tracking.py",
+    "trainer/mlx_trainer.py", "trainer/model_card.py", "trainer/model_config.py", "trainer/monitor_api.py", "trainer/tracking.py",
     "trainer/pipeline.py", "trainer/tiny_model.py", "trainer/training_data.py", "trainer/training_run_manager.py",
     "trainer/transformers_trainer.py", "trainer/weighting.py",
     "scripts/configure_run.py", "scripts/emissions_dashboard.py", "scripts/emissions_report.py",

@@ -30,7 +30,7 @@ def main(args) -> dict:
     output = Path(args.output) if args.output else config.root / "models" / f"tiny-{architecture}"
     shape = {key: getattr(args, key) for key in SHAPE_FLAGS if getattr(args, key) is not None}
     return tiny_model.build(architecture, output.resolve(), corpus(config), seed=args.seed,
-                            shape=shape, verify=not args.no_verify)
+                            shape=shape, verify=not args.no_verify, rope_theta=args.rope_theta)
 
 
 def show(result: dict) -> None:
@@ -48,6 +48,7 @@ if __name__ == "__main__":
     parser.add_argument("--output", help="default: models/tiny-<architecture>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-verify", action="store_true", help="skip loading it back with both engines")
+    parser.add_argument("--rope-theta", type=float, help="RoPE base (default: the architecture's, 10000)")
     for key, flag in SHAPE_FLAGS.items():
         parser.add_argument(flag, dest=key, type=int, help=f"default {tiny_model.DEFAULT_SHAPE[key]}")
     arguments = parser.parse_args()

@@ -14,6 +14,7 @@ from typing import Any
 
 from trainer import adapters
 from trainer.errors import ProjectError
+from trainer.model_config import mlx_overrides, write_mlx_fields
 
 MLX_BITS = {"q4": 4, "q8": 8}
 
@@ -89,6 +90,7 @@ def merge_hf(source: str, adapter: Path, output: Path, generation: dict[str, Any
         settings.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(output), safe_serialization=True)
     tokenizer.save_pretrained(str(output))
+    write_mlx_fields(output)  # so plain mlx-lm loads the merged model with its real RoPE
     return {"engine": "transformers+peft", "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -102,7 +104,8 @@ def fuse_mlx(source: str, adapter: Path, output: Path, quantization: str) -> dic
         raise _needs("mlx", error) from error
     with tempfile.TemporaryDirectory(prefix=".tmp-adapter-", dir=output.parent) as scratch:
         mlx_dir = adapter_as(adapter, "mlx", source, Path(scratch))
-        model, tokenizer, config = load(source, adapter_path=str(mlx_dir), return_config=True)
+        model, tokenizer, config = load(source, adapter_path=str(mlx_dir), return_config=True,
+                                        model_config=mlx_overrides(source))  # the real RoPE, saved too
     fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
     if fused:
         model.update_modules(tree_unflatten(fused))

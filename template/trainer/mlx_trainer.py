@@ -30,6 +30,7 @@ from trainer.base_trainer import Backend, TrainingError, process_peak_memory_gb
 from trainer.config import LoraSection, TrainingSection
 from trainer.distributed import MLXWorld, World
 from trainer.files import TEMP_PREFIX
+from trainer.model_config import mlx_overrides
 from trainer.training_data import Batch
 
 QUANT_BITS = {"q4": 4, "q8": 8}
@@ -106,7 +107,7 @@ class MLXBackend(Backend):
             quantized = quantized_copy(source, QUANT_BITS[quantization], cache_dir)
             facts["quantized_copy"] = str(quantized)
             source = str(quantized)
-        self.model, self.tokenizer = mlx_load(source)
+        self.model, self.tokenizer = mlx_load(source, model_config=mlx_overrides(source))  # the real RoPE
         facts["architecture"] = getattr(self.model, "model_type", type(self.model).__module__.split(".")[-1])
         facts["layers"] = len(self.model.layers)
         return facts
@@ -172,6 +173,7 @@ class MLXBackend(Backend):
         return float(loss.item())
 
     def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:
+        training = self.model.training  # during training it goes back to training; after, it stays in eval
         self.model.eval()
         total, count = 0.0, 0
         for batch in batches:
@@ -179,7 +181,7 @@ class MLXBackend(Backend):
             mx.eval(loss, tokens)
             total += float(loss.item())
             count += int(tokens.item())
-        self.model.train()
+        self.model.train(training)
         return total, count
 
     def save_adapter(self, folder: Path) -> None:
@@ -210,6 +212,7 @@ class MLXBackend(Backend):
         from mlx_lm import generate
         from mlx_lm.sample_utils import make_sampler
 
+        self.model.eval()  # dropout off: greedy generation is the same every time
         sampler = make_sampler(temp=temperature, top_p=top_p if temperature > 0 and top_p < 1 else 0.0)
         return [generate(self.model, self.tokenizer, prompt=self.prompt_ids(p), max_tokens=max_tokens,
                          sampler=sampler, verbose=False) for p in prompts]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from trainer.errors import ProjectError
+from trainer.model_config import mlx_overrides
 
 # The Hugging Face architectures a tiny model can be built for (those of trainer.config.ARCHITECTURES).
 ARCHITECTURES = ("llama", "olmo2", "mistral")
@@ -92,6 +93,7 @@ def build(
     seed: int = 0,
     shape: Optional[dict[str, int]] = None,
     verify: bool = True,
+    rope_theta: Optional[float] = None,
 ) -> dict[str, Any]:
     """Build, save and (optionally) verify a tiny model; returns a summary."""
     if architecture not in ARCHITECTURES:
@@ -117,6 +119,7 @@ def build(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **({"rope_theta": rope_theta} if rope_theta else {}),  # transformers 5 keeps it in rope_parameters
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -155,7 +158,7 @@ def check(path: Path) -> dict[str, Any]:
     except ImportError:
         result["mlx"] = "skipped (mlx-lm not installed)"
         return result
-    mlx_model, _ = mlx_lm.load(str(path))
+    mlx_model, _ = mlx_lm.load(str(path), model_config=mlx_overrides(path))
     logits = np.array(mlx_model(mx.array([ids])).astype(mx.float32))
     difference = float(np.abs(logits - reference).max())
     result.update({"mlx": True, "max_logit_difference": difference})

@@ -171,13 +171,14 @@ class TransformersBackend(Backend):
 
     @torch.no_grad()
     def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:
+        training = self.model.training  # during training it goes back to training; after, it stays in eval
         self.model.eval()
         total, count = 0.0, 0
         for batch in batches:
             loss_sum, tokens = self._loss(batch)
             total += float(loss_sum.item())
             count += int(tokens.item())
-        self.model.train()
+        self.model.train(training)
         return total, count
 
     def eval_mode(self) -> None:
@@ -185,6 +186,7 @@ class TransformersBackend(Backend):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_tokens: int, temperature: float, top_p: float) -> list[str]:
+        self.model.eval()  # dropout off: greedy generation is the same every time
         outputs = []
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False}
