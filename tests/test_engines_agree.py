@@ -85,7 +85,8 @@ def test_mlx_carries_the_models_rope_everywhere(project):
     assert texts["mlx"] == texts["transformers"] and texts["mlx"]
     # training with mlx, then the exports: the fused mlx model and the merged one carry the base
     code, out = script(project, "train.py", "--name", "rope", "--set", "training.backend=mlx",
-                       "--set", f"base_model.local_path={model}", "--set", "training.stage1.iterations=3", "--set", "training.stage1.warmup_steps=1",
+                       "--set", f"base_model.local_path={model}", "--set", "training.stage1.iterations=3",
+                       "--set", "training.stage1.warmup_steps=1",
                        "--set", "training.save_steps=3")
     assert code == 0, out
     for fmt in ("mlx", "huggingface"):
