@@ -63,6 +63,14 @@ def _model_type(folder: Path) -> str:
     return value
 
 
+def _dtype(folder: Path) -> str:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    except (OSError, ValueError, AttributeError):
+        return "float32"
+
+
 def _staged(target: Path) -> Path:
     tmp = target.parent / f"{TEMP_PREFIX}{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -83,6 +91,10 @@ def _convert_gguf(source: Path, tmp: Path) -> None:
     except Exception as error:  # an unsupported architecture or a damaged file: say which file
         raise ProjectError(f"transformers could not read the GGUF file {source}: {type(error).__name__}: "
                            f"{str(error)[:300]}") from None
+    # the weights are dequantized on load; what is left of the GGUF quantizer only blocks saving
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
 
@@ -98,8 +110,9 @@ def bring(config: FineTuningConfig, source: Path | str, name: Optional[str] = No
         guard.check_tree(path, f"the model source {source}")  # a link inside may not lead out of the roots
         model_type = _model_type(path)
         if path.is_relative_to(config.root):
+            verified = _verify(path, source)
             return {"kind": "directory", "model_type": model_type, "copied": False,
-                    "local_path": _point(config, path, config_file), "path": str(path)}
+                    "local_path": _point(config, path, config_file), "path": str(path), "verified": verified}
         kind = "directory"
     elif path.is_file() and path.suffix.lower() == ".gguf":
         kind = "gguf"
@@ -118,9 +131,25 @@ def bring(config: FineTuningConfig, source: Path | str, name: Optional[str] = No
         else:
             _convert_gguf(path, tmp)
         model_type = _model_type(tmp)
+        verified = _verify(tmp, source)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     return {"kind": kind, "model_type": model_type, "copied": True, "source": str(path),
-            "local_path": _point(config, target, config_file), "path": str(target), "size_mb": round(size / 1e6, 2)}
+            "local_path": _point(config, target, config_file), "path": str(target), "size_mb": round(size / 1e6, 2),
+            "verified": verified}
+
+
+def _verify(folder: Path, source: Path | str) -> dict[str, Any]:
+    """Both engines load the model and agree on its logits (mlx with the model's real RoPE);
+    a model that fails this is not set as the base."""
+    try:
+        half = _dtype(folder) in ("float16", "bfloat16")
+        return tiny_model.check(folder, relative=5e-2 if half else 1e-3)
+    except tiny_model.TinyModelError as error:
+        raise ProjectError(f"the model from {source} does not load the same in both engines: {error}; "
+                           "nothing was changed") from None
+    except Exception as error:  # an architecture an engine cannot load: say which and why
+        raise ProjectError(f"the model from {source} cannot be loaded: {type(error).__name__}: "
+                           f"{str(error)[:300]}; nothing was changed") from None
