@@ -1,14 +1,17 @@
 """The real SmolLM2-135M-Instruct (Llama architecture, 49,152-token BPE vocabulary, ChatML, tied
-embeddings, RoPE base 100,000) brought in as a GGUF through set_base_model: transformers turns it
-into a Hugging Face folder, and both engines load it with the same logits and the same greedy
-text (issue 15 items 1 and 5; the training and export checks on it come with the rest of 15)."""
+embeddings, RoPE base 100,000), brought in as a GGUF through set_base_model: transformers turns it
+into a Hugging Face folder, both engines load it with the same logits and the same greedy text,
+a few training steps on a small task lower its held-out loss, and the trained adapter and its
+exports agree in every engine (issue 15, items 1, 2, 5 and part of 7)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from test_export import SAME, gguf_logits, hf_logits, mlx_logits, prompt_ids
 
 from conftest import mcp_ok, unwrap
 from mcp_wrapper.server import build_server
@@ -18,24 +21,38 @@ pytest.importorskip("torch")
 pytest.importorskip("gguf")
 pytest.importorskip("mlx_lm")
 
+WORDS = ("amber", "bridge", "cactus", "desert", "ember", "forest", "glacier", "hollow", "island", "jungle", "kettle",
+         "lantern", "meadow", "nectar", "orchid", "pepper", "quartz", "river", "saddle", "thunder", "umber", "violet",
+         "willow", "yonder", "zephyr", "anchor", "basket", "candle", "dragon", "engine", "falcon", "garden")
 
-@pytest.mark.slow
-def test_a_gguf_becomes_the_base_model_and_both_engines_agree(tmp_path, smollm2_gguf):
-    shelf = tmp_path / "downloads"
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory, smollm2_gguf):
+    root = tmp_path_factory.mktemp("smol")
+    shelf = root / "downloads"
     shelf.mkdir()
     gguf = shelf / smollm2_gguf.name
     gguf.write_bytes(smollm2_gguf.read_bytes())  # the user's download, inside the allowed roots
-    server = build_server(Settings(output_dir=tmp_path / "projects", allowed_roots=[tmp_path]))
-    project = mcp_ok(server, "generate_fine_tuning_project", {"project_name": "smol",
-                                                             "base_model": {"type": "llama"}})["project_path"]
-    out = mcp_ok(server, "set_base_model", {"project_path": project, "source": str(gguf)})
+    (shelf / "spell.jsonl").write_text("".join(
+        json.dumps({"instruction": f"Spell {w} with dashes.", "output": "-".join(w.upper())}) + "\n" for w in WORDS))
+    server = build_server(Settings(output_dir=root / "projects", allowed_roots=[root]))
+    project = mcp_ok(server, "generate_fine_tuning_project", {"project_name": "smol", "base_model": {"type": "llama"},
+                                                             "training": {"num_stages": 1, "backend": "transformers",
+                                                                          "max_seq_length": 128}})["project_path"]
+    base = mcp_ok(server, "set_base_model", {"project_path": project, "source": str(gguf)})
+    return {"server": server, "project": project, "base": base, "data": shelf / "spell.jsonl"}
+
+
+@pytest.mark.slow
+def test_a_gguf_becomes_the_base_model_and_both_engines_agree(smol):
+    out, server, project = smol["base"], smol["server"], smol["project"]
     assert out["kind"] == "gguf" and out["local_path"] == "models/SmolLM2-135M-Instruct.Q4_1"
     verified = out["details"]["verified"]
     assert verified["mlx"] is True and verified["max_logit_difference"] < 1e-3 and verified["same_greedy_tokens"]
     model = Path(out["path"])
     config = json.loads((model / "config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == 49152 and config["tie_word_embeddings"]
-    assert config["rope_parameters"]["rope_theta"] == 100000.0
+    assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] == 100000.0  # plain mlx-lm reads the top
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -48,3 +65,39 @@ def test_a_gguf_becomes_the_base_model_and_both_engines_agree(tmp_path, smollm2_
                                                                "backend": engine, "max_tokens": 12})["response"])
                for engine in ("transformers", "mlx")}
     assert answers["transformers"] == answers["mlx"] == "The capital of France is Paris."
+
+
+@pytest.mark.slow
+def test_a_few_steps_teach_it_and_every_export_agrees(smol):
+    server, project = smol["server"], smol["project"]
+    at = {"project_path": project}
+    mcp_ok(server, "import_data", {**at, "files": [str(smol["data"])], "replace_samples": True})
+    mcp_ok(server, "prepare_dataset", at)
+    run_id = mcp_ok(server, "configure_training_run", {**at, "run_name": "spell", "override_params": {
+        "training": {"stage1": {"iterations": 12, "learning_rate": 2e-3, "warmup_steps": 2, "batch_size": 4},
+                     "save_steps": 12, "eval_steps": 12, "log_steps": 4}}})["run_id"]
+    out = mcp_ok(server, "start_training", {**at, "run_id": run_id, "async_mode": False})
+    stage = out["result"]["stages"]["stage1"]
+    assert stage["val_loss"] < 0.8 * stage["val_loss_before"], stage  # it learns the task, on held-out rows
+
+    base, run = Path(smol["base"]["path"]), Path(project) / "runs" / run_id
+    adapter = run / "stage1" / "adapters"
+    ids = prompt_ids(base)
+    tuned = hf_logits(base, ids, adapter)
+    assert np.abs(tuned - hf_logits(base, ids)).max() > 0.1, "the adapter changes the model"
+    exported = mcp_ok(server, "export_model", {**at, "run_id": run_id, "stage": 1, "export_format": "adapters"})
+    mlx_tuned = mlx_logits(base, ids, Path(exported["export_path"]) / "mlx")  # the same adapter in mlx-lm
+    assert np.abs(mlx_tuned - tuned).max() < 1e-2 and (mlx_tuned.argmax(-1) == tuned.argmax(-1)).all()
+    merged = mcp_ok(server, "export_model", {**at, "run_id": run_id, "stage": 1, "export_format": "huggingface"})
+    merged_logits = hf_logits(Path(merged["export_path"]), ids)
+    np.testing.assert_allclose(merged_logits, tuned, atol=SAME * 100)
+    gguf = mcp_ok(server, "export_model", {**at, "run_id": run_id, "stage": 1, "export_format": "gguf",
+                                           "quantization": "f16"})
+    file = next(name for name in gguf["files"] if name.endswith(".gguf"))
+    logits, _ = gguf_logits(Path(gguf["export_path"]) / file, ids, "")
+    assert logits[-1].argmax() == merged_logits[-1].argmax()
+    assert np.abs(logits[-1] - merged_logits[-1]).max() < 0.5  # f16 weights, llama.cpp's own kernels
+    print(f"SmolLM2 spell task: val loss {stage['val_loss_before']:.3f} -> {stage['val_loss']:.3f}; tuned logits "
+          f"mlx vs transformers {np.abs(mlx_tuned - tuned).max():.2e}, merged "
+          f"{np.abs(merged_logits - tuned).max():.2e}, GGUF f16 last token "
+          f"{np.abs(logits[-1] - merged_logits[-1]).max():.2e}")

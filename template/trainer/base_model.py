@@ -17,6 +17,7 @@ from trainer.config_file import set_value
 from trainer.dataset_preparator import DatasetError, collect, find_inputs
 from trainer.errors import ProjectError
 from trainer.files import TEMP_PREFIX
+from trainer.model_config import write_mlx_fields
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -131,6 +132,7 @@ def bring(config: FineTuningConfig, source: Path | str, name: Optional[str] = No
         else:
             _convert_gguf(path, tmp)
         model_type = _model_type(tmp)
+        write_mlx_fields(tmp)  # our copy: plain mlx-lm then loads it with its real RoPE too
         verified = _verify(tmp, source)
         os.replace(tmp, target)
     finally:
