@@ -84,11 +84,15 @@ class ProjectAccess:
         env["TMPDIR"] = str(scratch)
         return env
 
+    def argv(self, project: Path, name: str, args: list[str]) -> list[str]:
+        """scripts/<name> --json with `args`, run by the project's Python."""
+        return [self.settings.project_python(project), str(project / "scripts" / name), "--json", *args]
+
     def script(self, project: Path, name: str, args: list[str], client_roots: Optional[list[Path]],
                timeout: float = SCRIPT_TIMEOUT, stdin: Optional[str] = None) -> dict[str, Any]:
         """Run scripts/<name> --json and return its result; its error becomes a ToolError whose
         script text (which may quote data) is delimited as untrusted."""
-        argv = [self.settings.project_python(project), str(project / "scripts" / name), "--json", *args]
+        argv = self.argv(project, name, args)
         proc = subprocess.Popen(argv, cwd=project, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env=self.environment(project, client_roots))
@@ -107,7 +111,13 @@ class ProjectAccess:
             raise ToolError(f"scripts/{name} gave no result (exit {proc.returncode}); the end of its stderr:\n"
                             + untrusted("\n".join(err.splitlines()[-20:])))
         if proc.returncode != 0 or "error" in result:
-            error = result.get("error") if isinstance(result.get("error"), dict) else {}
-            raise ToolError(f"the project refused or failed ({error.get('type', 'error')}); its message, which "
-                            "may quote the project's data, follows:\n" + untrusted(str(error.get("message", "failed"))))
+            raise ToolError(refusal(result))
         return result
+
+
+def refusal(result: dict[str, Any]) -> str:
+    """A script's {"error": ...} result as the server says it: kind, then the message (which may
+    quote the project's data) delimited as untrusted."""
+    error = result.get("error") if isinstance(result.get("error"), dict) else {}
+    return (f"the project refused or failed ({error.get('type', 'error')}); its message, which may quote the "
+            "project's data, follows:\n" + untrusted(str(error.get("message", "failed"))))

@@ -80,8 +80,9 @@ GROUPS = {"stage1": "stage 1 (general training): iterations, learning_rate, batc
           "quality_weighting": "quality-weighted sampling: enabled, multiplier, threshold"}
 
 
-def leaves(fields: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(dotted field, copier question) of a section, groups included."""
+def leaves(fields: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, value) of every non-mapping value, groups included: a section's copier
+    questions (SECTIONS) or the values a client gave for it."""
     for name, value in fields.items():
         if isinstance(value, dict):
             yield from leaves(value, f"{prefix}{name}.")
@@ -114,14 +115,6 @@ def _given(value: Any) -> dict[str, Any]:
     return {k: _given(v) if isinstance(v, BaseModel) else v for k, v in dict(value).items() if v is not None}
 
 
-def _flat(given: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for name, item in given.items():
-        if isinstance(item, dict):
-            yield from _flat(item, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", item
-
-
 def to_answers(top: dict[str, Any], sections: dict[str, BaseModel | dict | None]) -> dict[str, Any]:
     """Copier answers for the values that were given (None = copier's default)."""
     answers = {TOP_LEVEL[k]: v for k, v in top.items() if v is not None}
@@ -129,7 +122,7 @@ def to_answers(top: dict[str, Any], sections: dict[str, BaseModel | dict | None]
         if value is None:
             continue
         questions_of = dict(leaves(SECTIONS[section]))
-        for name, item in _flat(_given(value)):
+        for name, item in leaves(_given(value)):
             if name not in questions_of:
                 raise ToolError(f"{section}.{name} is not a field of {section}")
             answers[questions_of[name]] = item

@@ -10,6 +10,7 @@ block and speak as the server.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -17,7 +18,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 TEXT_CAP = 4000  # characters of untrusted text (logs, data) returned in one field
 JSON_LIMIT = 1 << 20  # bytes of a status or manifest file (a real one is a few KB)
@@ -79,6 +80,18 @@ def tail_lines(path: Path, count: int, max_bytes: int = TAIL_BYTES) -> list[str]
     if start > 0 and lines:
         lines = lines[1:]  # the first one is cut
     return lines[-count:]
+
+
+def last_result(lines: list[str]) -> Optional[dict[str, Any]]:
+    """A script's --json result: the last line that is a JSON object (lines being written, or
+    not JSON, are passed over)."""
+    for line in reversed(lines):
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    return value
+    return None
 
 
 def finite_or_name(value: Any) -> Any:

@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 
 from mcp.server.mcpserver.exceptions import ToolError
 
-from mcp_wrapper.access import ProjectAccess
-from mcp_wrapper.files import FileProblem, read_object, tail_lines, untrusted
+from mcp_wrapper.access import ProjectAccess, refusal
+from mcp_wrapper.files import FileProblem, last_result, read_object, tail_lines, untrusted
 from mcp_wrapper.models import JobResult
 
 JOB_ID = re.compile(r"[a-z_]+-\d{8}-\d{6}-[0-9a-f]{6}")
@@ -99,7 +99,7 @@ class JobTools(ProjectAccess):
         self._prune(jobs, client_roots)
         folder = jobs / job_id
         folder.mkdir()
-        argv = [self.settings.project_python(project), str(project / "scripts" / script), "--json", *args]
+        argv = self.argv(project, script, args)
         with (folder / "stdout").open("wb") as out, (folder / "stderr").open("wb") as err:
             proc = subprocess.Popen(argv, cwd=project, stdout=out, stderr=err, start_new_session=True,
                                     stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -158,16 +158,14 @@ class JobTools(ProjectAccess):
         if ended is not None and ended.get("ended") == "cancelled":
             return JobResult(job_id=job_id, tool=tool, status="cancelled", elapsed_seconds=elapsed,
                              message="cancelled with cancel_job")
-        result = self._result_line(folder / "stdout")
+        result = last_result(tail_lines(folder / "stdout", 50, max_bytes=RESULT_LIMIT))
         problem = None
         if result is None:
             why = (ended or {}).get("ended", "ended")
             problem = (f"the script {why} without a result (exit {(ended or {}).get('returncode')}); the end of its "
                        "stderr:\n" + untrusted("\n".join(tail_lines(folder / "stderr", 20))))
         elif "error" in result:
-            error = result["error"] if isinstance(result["error"], dict) else {}
-            problem = (f"the project refused or failed ({error.get('type', 'error')}); its message, which may quote "
-                       "the project's data, follows:\n" + untrusted(str(error.get("message", "failed"))))
+            problem = refusal(result)
         if problem:
             return JobResult(job_id=job_id, tool=tool, status="failed", elapsed_seconds=elapsed, error=problem)
         try:
@@ -177,15 +175,6 @@ class JobTools(ProjectAccess):
                              error=f"the script's result does not have the expected fields ({error})")
         return JobResult(job_id=job_id, tool=tool, status="completed", elapsed_seconds=elapsed,
                          result=parsed.model_dump(), message="completed")
-
-    @staticmethod
-    def _result_line(stdout: Path) -> Optional[dict[str, Any]]:
-        for line in reversed(tail_lines(stdout, 50, max_bytes=RESULT_LIMIT)):
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    value = json.loads(line)
-                    return value if isinstance(value, dict) else None
-        return None
 
     def wait_job(self, project_value: str, job_id: str, wait_seconds: float,
                  client_roots: Optional[list[Path]], tick: Optional[Callable[[float], None]] = None) -> JobResult:

@@ -24,6 +24,7 @@ from mcp_wrapper.access import ProjectAccess
 from mcp_wrapper.files import (
     FileProblem,
     last_metrics,
+    last_result,
     lock_held,
     read_bounded,
     read_object,
@@ -77,8 +78,8 @@ class RunTools(ProjectAccess):
                             "or stop it with cancel_training")
         log_file = self.run_file(run_dir, "train-process.log", client_roots)
         logged = log_file.stat().st_size if log_file.is_file() else None
-        argv = [self.settings.project_python(project), str(project / "scripts" / "train.py"), "--json",
-                "--run-id", run_id, *(["--stage", str(stage)] if stage else []), *(["--resume"] if resume else [])]
+        argv = self.argv(project, "train.py", ["--run-id", run_id, *(["--stage", str(stage)] if stage else []),
+                                                *(["--resume"] if resume else [])])
         with log_file.open("ab") as log:
             proc = subprocess.Popen(argv, cwd=project, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, env=self.environment(project, client_roots))
@@ -104,13 +105,7 @@ class RunTools(ProjectAccess):
     @staticmethod
     def final(log_file: Path) -> dict[str, Any]:
         """The trainer's --json result line, from the end of its log."""
-        for line in reversed(tail_lines(log_file, 50)):
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    result = json.loads(line)
-                    if isinstance(result, dict):
-                        return result
-        return {"error": {"message": "no result; see " + str(log_file)}}
+        return last_result(tail_lines(log_file, 50)) or {"error": {"message": "no result; see " + str(log_file)}}
 
     def estimate_minutes(self, project: Path, run_dir: Path, stage: Optional[int],
                          client_roots: Optional[list[Path]] = None) -> Optional[int]:

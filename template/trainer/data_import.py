@@ -107,6 +107,3 @@ def import_files(config: FineTuningConfig, files: list[str | Path], *, stage: in
                        "length_unit": summary["length_unit"]},
         "unmatched": unmatched,  # files the stage's raw_files patterns do not pick up
     }
-
-
-__all__ = ["DatasetError", "import_files", "folder_of", "SAMPLES"]

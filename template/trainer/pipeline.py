@@ -134,11 +134,13 @@ class RunRecorder(TrainingCallback):
     def _write(self, info: dict[str, Any]) -> None:
         self.append(info)
         self.last.update({k: v for k, v in info.items() if v is not None})
+        self.manager.write_status(self.run_id, **self.position(info), total_iterations=info["total_iterations"],
+                                  eta_seconds=self.eta(info), last_metrics=self.last)
+
+    def position(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Where the run is: stage, iteration, and progress over every stage being trained."""
         done = self.offset + info["iteration"]
-        self.manager.write_status(self.run_id, stage=info["stage"], iteration=info["iteration"],
-                                  total_iterations=info["total_iterations"],
-                                  progress=round(100 * done / self.total, 2), eta_seconds=self.eta(info),
-                                  last_metrics=self.last)
+        return {"stage": info["stage"], "iteration": info["iteration"], "progress": round(100 * done / self.total, 2)}
 
     def eta(self, info: dict[str, Any]) -> Optional[float]:
         """Seconds until the run ends: the stage's own ETA, plus the later stages' iterations at
@@ -157,17 +159,13 @@ class RunRecorder(TrainingCallback):
 
     def on_first_step(self, info: dict[str, Any]) -> None:
         """The first iteration's pace: an ETA for the whole run right after it starts."""
-        done = self.offset + info["iteration"]
-        self.manager.write_status(self.run_id, stage=info["stage"], iteration=info["iteration"],
-                                  total_iterations=info["total_iterations"], progress=round(100 * done / self.total, 2),
+        self.manager.write_status(self.run_id, **self.position(info), total_iterations=info["total_iterations"],
                                   eta_seconds=self.eta(info))
 
     def on_checkpoint(self, info: dict[str, Any]) -> None:
         """A checkpoint is where a resume starts: the status says that iteration (a cancel
         between reports would otherwise show an older one than the checkpoint it kept)."""
-        done = self.offset + info["iteration"]
-        self.manager.write_status(self.run_id, stage=info["stage"], iteration=info["iteration"],
-                                  progress=round(100 * done / self.total, 2), last_checkpoint=info["iteration"])
+        self.manager.write_status(self.run_id, **self.position(info), last_checkpoint=info["iteration"])
 
 
 class Progress(TrainingCallback):
