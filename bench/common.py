@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 # Llama architecture, about 24M parameters (21M in matmuls)
 SHAPE = {"vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 6,
@@ -27,6 +29,8 @@ def parser(doc: str, steps: int, batch: int) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="alternating runs per side (medians are reported)")
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--rows", type=int, default=400, help="synthetic chat rows of variable length")
+    p.add_argument("--real", action="store_true",
+                   help="the real SmolLM2-135M-Instruct (scripts/fetch_smollm2.py) instead of the built model")
     return p
 
 
@@ -55,9 +59,27 @@ def median(values: list[dict], key: str) -> float:
     return statistics.median(v[key] for v in values)
 
 
-def bench_project(folder: Path, backend: str, n_rows: int, shape: dict = SHAPE) -> tuple[Path, Path, dict]:
-    """A generated project with the benchmark model in models/bench-llama and its data prepared
-    into data/processed/; returns (project, model folder, the model's summary)."""
+def real_model(project: Path, model: Path) -> dict:
+    """SmolLM2-135M-Instruct brought into the project as models/bench-llama (set_base_model.py:
+    GGUF -> Hugging Face folder, checked in both engines); its summary as tiny_model.build gives."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from fetch_smollm2 import fetch
+
+    run([sys.executable, "scripts/set_base_model.py", "--json", str(fetch()), "--name", model.name], project)
+    config = json.loads((model / "config.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(model / "model.safetensors"), "np") as weights:
+        parameters = sum(int(np.prod(weights.get_slice(k).get_shape())) for k in weights.keys())
+    return {"parameters": parameters, "vocab_size": config["vocab_size"], "hidden_size": config["hidden_size"],
+            "model": "SmolLM2-135M-Instruct (real, from its GGUF)"}
+
+
+def bench_project(folder: Path, backend: str, n_rows: int, shape: dict = SHAPE,
+                  real: bool = False) -> tuple[Path, Path, dict]:
+    """A generated project with the benchmark model in models/bench-llama (built locally, or the
+    real SmolLM2 with `real`) and its data prepared into data/processed/; returns (project, model
+    folder, the model's summary)."""
     from copier import run_copy
 
     project = folder / "bench"
@@ -71,8 +93,12 @@ def bench_project(folder: Path, backend: str, n_rows: int, shape: dict = SHAPE) 
     from trainer import tiny_model
 
     model = project / "models" / "bench-llama"
-    summary = tiny_model.build("llama", model, [r["instruction"] + " " + r["output"] for r in rows],
-                               shape=shape, verify=False)
+    if real:
+        summary = real_model(project, model)
+    else:
+        summary = {**tiny_model.build("llama", model, [r["instruction"] + " " + r["output"] for r in rows],
+                                      shape=shape, verify=False), "hidden_size": shape["hidden_size"],
+                   "model": "llama, built locally (random weights)"}
     run([sys.executable, "scripts/prepare_dataset.py", "--json", "--input", str(raw), "--tokenizer", str(model)],
         project)
     return project, model, summary

@@ -86,7 +86,8 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, mlx {version('mlx')} "
           f"({mx.default_device()}), mlx-lm {version('mlx-lm')}, python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
-        project, model, summary = bench_project(Path(tmp), "mlx", args.rows, SMALL if args.small else SHAPE)
+        project, model, summary = bench_project(Path(tmp), "mlx", args.rows, SMALL if args.small else SHAPE,
+                                                real=args.real)
         python = sys.executable
         ours_args = [python, "scripts/train.py", "--json", "--name", "bench",
                      *project_args(args.steps, args.batch, LEARNING_RATE), "--set", "training.max_grad_norm=0",
@@ -118,7 +119,8 @@ def main() -> None:
             print(f"  repeat {repeat + 1}: " + ", ".join(
                 f"{name} {results[-1]['target_tokens_per_second']:.0f} tok/s" for name, (results, _) in sides.items()))
 
-    print(f"\nmodel: llama, {summary['parameters'] / 1e6:.1f}M parameters, batch {args.batch}, {args.steps} steps x "
+    print(f"\nmodel: {summary['model']}, {summary['parameters'] / 1e6:.1f}M parameters, batch {args.batch}, "
+          f"{args.steps} steps x "
           f"{args.repeats} alternating runs, {args.rows} rows of variable length")
     print(f"{'':20}{'trained tok/s':>14}{'wall s':>9}{'peak GB':>9}{'tokens':>8}")
     for name, (results, _) in sides.items():

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHAPE, bench_project, median, parser, project_args, run
+from common import bench_project, median, parser, project_args, run
 
 LEARNING_RATE = 2e-4
 GROUP = 8  # training.length_grouping for the padding-free row: 8 batches drawn together, cut by length
@@ -110,9 +110,10 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
-        project, model, summary = bench_project(Path(tmp), "transformers", args.rows)
+        project, model, summary = bench_project(Path(tmp), "transformers", args.rows, real=args.real)
         n_params = summary["parameters"]
-        n_matmul = n_params - summary["vocab_size"] * SHAPE["hidden_size"]  # the input embedding is a lookup
+        # the input embedding is a lookup; a tied output layer still multiplies (counted once more)
+        n_matmul = n_params - summary["vocab_size"] * summary["hidden_size"] * (0 if args.real else 1)
         python = sys.executable
         data_file = project / "data" / "processed" / "train.jsonl"
         ours_args = [python, "scripts/train.py", "--json", "--name", "bench",
@@ -133,7 +134,8 @@ def main() -> None:
 
     ours_tps, theirs_tps = median(ours, "tokens_per_second"), median(theirs, "tokens_per_second")
     grouped_tps = median(grouped, "tokens_per_second")
-    print(f"\nmodel: llama, {n_params / 1e6:.1f}M parameters ({n_matmul / 1e6:.1f}M in matmuls), batch {args.batch}, "
+    print(f"\nmodel: {summary['model']}, {n_params / 1e6:.1f}M parameters ({n_matmul / 1e6:.1f}M in matmuls), "
+          f"batch {args.batch}, "
           f"{args.steps} steps x {args.repeats} alternating runs, {args.rows} rows of variable length")
     print(f"{'':22}{'tokens/s':>10}{'peak GB':>9}{'MFU':>8}")
     for name, values, tps in (("project transformers", ours, ours_tps), ("project, grouped", grouped, grouped_tps),

@@ -163,6 +163,11 @@ class ExportResult(JobFields):
     files: Optional[list[str]] = Field(default=None, description="files of the export folder")
     upload: Optional[dict[str, Any]] = Field(
         default=None, description="what was uploaded (or, with dry_run, would be): repo_id, private, files")
+    llama_cpp_check: Optional[dict[str, Any]] = Field(
+        default=None, description="gguf: the export answering a chat prompt in llama.cpp (a child process) vs "
+                                  "the merged model in transformers: checked, same_greedy_text, same_first_token, "
+                                  "stopped_at_end_of_turn, end_of_turn, both texts (delimited, untrusted), and "
+                                  "crash (signal, advice) when llama.cpp itself crashed")
 
 
 class StartResult(BaseModel):

@@ -466,7 +466,15 @@ def _generated(result: dict[str, Any]) -> GenerateTextResult:
 
 
 def _exported(result: dict[str, Any]) -> ExportResult:
-    return ExportResult(**{k: result.get(k) for k in ExportResult.model_fields if k not in JobFields.model_fields})
+    fields = {k: result.get(k) for k in ExportResult.model_fields if k not in JobFields.model_fields}
+    check = (result.get("details") or {}).get("llama_cpp_check")
+    if check:  # the models' words, and llama.cpp's own output after a crash, are untrusted text
+        fields["llama_cpp_check"] = {**check, **{k: untrusted(str(check[k])) for k in ("llama_cpp_text",
+                                                                                      "transformers_text")
+                                                 if check.get(k) is not None}}
+        if check.get("crash", {}).get("stderr"):
+            fields["llama_cpp_check"]["crash"] = {**check["crash"], "stderr": untrusted(check["crash"]["stderr"])}
+    return ExportResult(**fields)
 
 
 # each long tool: its result model, and how its script's --json result becomes that model

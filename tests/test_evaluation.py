@@ -53,12 +53,14 @@ def test_each_stage_and_the_base_model_are_measured(project, evaluated, backend)
     assert {"accuracy", "bleu", "chrf"} <= set(metrics) and 0 <= metrics["accuracy"] <= 1
     assert metrics["custom_metrics"]["mymetrics:mean_length"] >= 0
     assert first["base"]["perplexity"] > metrics["perplexity"], "training must beat the base on its own task"
-    assert first["thresholds"]["checks"]["stage1"]["threshold"] == 0.7
+    check = first["thresholds"]["checks"]["stage1"]  # the default: chrF improvement over the base model
+    assert check["threshold"] == 0.1 and check["tuned"] == metrics["chrf"] and check["base"] == first["base"]["chrf"]
 
     folder = Path(first["results_file"]).parent
     assert json.loads(Path(first["results_file"]).read_text())["metrics"] == metrics
     samples = [json.loads(line) for line in Path(first["samples_file"]).read_text().splitlines()]
-    assert len(samples) == 8 and {"prompt", "reference", "prediction", "exact_match"} <= set(samples[0])
+    assert len(samples) == 8 and {"prompt", "reference", "prediction", "exact_match", "base_prediction"} <= set(
+        samples[0])
     assert folder == project / "runs" / evaluated[backend]["run_id"] / "stage1" / "evaluation"
 
     forgetting = second["forgetting"]

@@ -128,6 +128,8 @@ def test_every_format_loads_and_agrees_with_the_trained_model(project, runs, bac
         assert tokens == ids, "llama.cpp must tokenize the chat prompt as transformers does"
         assert np.abs(logits - merged_logits).max() < GGUF[quantization]
         assert logits[-1].argmax() == merged_logits[-1].argmax()
+        check = result["details"]["llama_cpp_check"]  # the export's own check, in a child process
+        assert check["checked"] and check["same_first_token"] and "crash" not in check, check
 
     card = (merged_dir / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and run_id in card and "| 2 | stage1/adapters |" in card
@@ -181,6 +183,61 @@ def test_gguf_agrees_with_the_merged_model(tmp_path_factory, model_type):
         assert tokens == ids
         assert np.abs(logits - reference).max() < GGUF[quantization]
         assert logits[-1].argmax() == reference[-1].argmax()
+
+
+CRASHING_LLAMA_CPP = """
+import os, runpy, signal, sys
+if sys.argv[3] == "1" or os.environ.get("CRASH_ALWAYS"):  # repacking on: die as llama.cpp does on AMX CPUs
+    os.kill(os.getpid(), signal.SIGSEGV)
+child = os.environ["GGUF_CHECK"]
+sys.argv = [child] + sys.argv[1:]
+runpy.run_path(child, run_name="__main__")
+"""
+
+CHECK_WITH_CRASHES = """
+import json, sys
+from pathlib import Path
+from trainer import gguf_check
+crash = [sys.executable, "-c", sys.argv[3]]
+print(json.dumps(gguf_check.verify(Path(sys.argv[1]), Path(sys.argv[2]), command=crash)))
+"""
+
+
+@pytest.mark.slow
+def test_a_crash_of_llama_cpp_is_reported_not_shared(project, runs):
+    """A llama.cpp that dies of a signal (as builds for AMX CPUs do in their weight repacking)
+    kills the child, not the export: the check says which signal and what to do, retries with the
+    repacking off, and only then calls the file unverified. A file llama.cpp rejects fails."""
+    import subprocess
+    import sys
+
+    llama_cpp()
+    run_id = runs["transformers"]
+    merged = Path(export(project, run_id, 1, "huggingface")["export_path"])
+    gguf = export(project, run_id, 1, "gguf", "--quantization", "f32")
+    file = Path(gguf["export_path"]) / gguf["details"]["gguf_file"]
+    env = {**os.environ, "GGUF_CHECK": str(project / "trainer" / "gguf_check.py")}
+
+    def check(**extra: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", CHECK_WITH_CRASHES, str(file), str(merged), CRASHING_LLAMA_CPP],
+                             cwd=project, capture_output=True, text=True, env={**env, **extra})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.splitlines()[-1])
+
+    once = check()
+    assert once["checked"] and once["crash"]["signal"] == "SIGSEGV", once
+    assert "GGML_NATIVE=OFF" in once["crash"]["advice"] and "file is fine" in once["crash"]["retried"]
+    assert once["same_first_token"]  # the retry really ran llama.cpp on the file
+    always = check(CRASH_ALWAYS="1")
+    assert not always["checked"] and "crashed (SIGSEGV) with repacking on and off" in always["reason"]
+
+    broken = file.parent.parent / "broken.gguf"
+    broken.write_bytes(file.read_bytes()[:4096])  # a truncated file: llama.cpp refuses it, no crash
+    out = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from trainer import gguf_check\n"
+                          "try:\n gguf_check.verify(Path(sys.argv[1]), Path(sys.argv[2]))\n"
+                          "except gguf_check.LoaderError as e: print('refused:', e)", str(broken), str(merged)],
+                         cwd=project, capture_output=True, text=True)
+    assert "refused: llama.cpp could not run broken.gguf" in out.stdout, out
 
 
 @pytest.mark.slow

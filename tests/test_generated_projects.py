@@ -25,7 +25,8 @@ SOURCES = {
     "trainer/config.py", "trainer/config_file.py", "trainer/data_import.py",
     "trainer/dataset_preparator.py", "trainer/distributed.py", "trainer/emissions.py", "trainer/errors.py",
     "trainer/evaluation.py", "trainer/export.py", "trainer/generation.py",
-    "trainer/export_engines.py", "trainer/export_target.py", "trainer/files.py", "trainer/gguf_export.py",
+    "trainer/export_engines.py", "trainer/export_target.py", "trainer/files.py", "trainer/gguf_check.py",
+    "trainer/gguf_export.py",
     "trainer/guard.py", "trainer/hub.py",
     "trainer/mlx_trainer.py", "trainer/model_card.py", "trainer/model_config.py", "trainer/monitor_api.py",
     "trainer/tracking.py",
@@ -165,7 +166,7 @@ def test_dependencies_follow_the_answers(generated):
     assert ("evaluation" in extras) == a["enable_evaluation"]
     assert ("mlflow" in extras) == a["enable_mlflow"] and ("wandb" in extras) == a["enable_wandb"]
     assert ("hf" in extras) == a["enable_huggingface_upload"]
-    assert ("gguf" in extras) == ("gguf" in a["export_formats"])
+    assert ("gguf" in extras) == ("llamacpp" in extras) == ("gguf" in a["export_formats"])
     assert any(d.startswith("streamlit") for d in extras["dashboard"])  # every project offers the dashboard
     assert any(d.startswith("pyarrow") for d in meta["dependencies"]) == (a["dataset_format"] == "parquet")
     if use_mlx:

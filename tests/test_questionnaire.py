@@ -150,7 +150,7 @@ def test_when_hides_stage2_questions_for_one_stage(tmp_path):
     two = render(tmp_path / "two", num_stages=2, replay_ratio=0.25)
     assert stage2 <= set(answers_of(two))
     stage = yaml.safe_load((two / "config" / "fine_tuning_config.yaml").read_text())["training"]["stage2"]
-    assert stage == {"iterations": 150, "learning_rate": 1e-6, "batch_size": 4, "warmup_steps": 0, "replay_ratio": 0.25}
+    assert stage == {"iterations": 150, "learning_rate": 1e-4, "batch_size": 4, "warmup_steps": 0, "replay_ratio": 0.25}
 
 
 @pytest.mark.parametrize(("flag", "dependents"), [

@@ -40,8 +40,9 @@ def show(result: dict) -> None:
     for name, metrics in rows:
         print(f"  {name:22}" + "".join(f"{metrics[c]:>12.4f}" if c in metrics else f"{'-':>12}" for c in columns))
     for check, info in result["thresholds"]["checks"].items():
-        print(f"  {check}: {info['metric']} {info['value']:.4f} vs threshold {info['threshold']} -> "
-              f"{'pass' if info['passed'] else 'FAIL'}")
+        value = "n/a" if info["value"] is None else f"{info['value']:.4f}"
+        verdict = {True: "pass", False: "FAIL", None: "not judged (evaluate with the base model)"}[info["passed"]]
+        print(f"  {check}: {info['metric']} {value} vs threshold {info['threshold']} -> {verdict}")
     print(f"results: {result['results_file']}\nsamples: {result['samples_file']}")
 
 

@@ -38,12 +38,53 @@ def test_custom_metric_names_are_validated(project):
         load_config(path, environ={}, overrides={"evaluation.custom_metrics": ["no-colon"]})
 
 
-def test_thresholds_on_accuracy(config):
+def test_the_spec_thresholds_on_accuracy_stay_reachable(config):
+    config.evaluation.threshold_metric, config.evaluation.threshold_mode = "accuracy", "absolute"
     config.evaluation.stage1_threshold = 0.5
     result = thresholds(config, 1, {"metrics": {"accuracy": 0.6}})
     assert result["passed"] and result["checks"]["stage1"]["threshold"] == 0.5
     config.evaluation.sequential_threshold = 0.6
     after = thresholds(config, 2, {"metrics": {"accuracy": 0.9},
-                                   "forgetting": {"stage2_model": {"accuracy": 0.4}}})
+                                   "forgetting": {"stage2_model": {"accuracy": 0.4}, "stage1_model": {}}})
     assert after["checks"]["stage2"]["passed"] == (0.9 >= config.evaluation.stage2_threshold)
     assert after["checks"]["sequential"]["passed"] is False and after["passed"] is False
+
+
+def test_default_thresholds_are_an_improvement_over_the_base_model(config):
+    evaluation = config.evaluation
+    assert (evaluation.threshold_metric, evaluation.threshold_mode, evaluation.stage1_threshold) == (
+        "chrf", "relative", 0.1)
+    learned = thresholds(config, 1, {"metrics": {"chrf": 33.0}, "base": {"chrf": 20.0}})
+    assert learned["passed"] and learned["checks"]["stage1"]["value"] == pytest.approx(0.65)
+    barely = thresholds(config, 1, {"metrics": {"chrf": 21.0}, "base": {"chrf": 20.0}})
+    assert barely["passed"] is False  # 5% better is under the 10% bar
+    # after stage 2: better than the base on stage 2, and kept 80% of stage 1's score: below 90%
+    after = thresholds(config, 2, {"metrics": {"chrf": 50.0}, "base": {"chrf": 10.0},
+                                   "forgetting": {"stage1_model": {"chrf": 60.0}, "stage2_model": {"chrf": 48.0}}})
+    assert after["checks"]["stage2"]["passed"] and after["checks"]["sequential"]["value"] == pytest.approx(0.8)
+    assert after["passed"] is False
+    # without the base model there is nothing to compare with: not judged, not failed
+    alone = thresholds(config, 1, {"metrics": {"chrf": 50.0}})
+    assert alone["passed"] is None and alone["checks"]["stage1"]["passed"] is None
+    # a base that scores 0 is beaten by any score
+    assert thresholds(config, 1, {"metrics": {"chrf": 3.0}, "base": {"chrf": 0.0}})["passed"] is True
+
+
+def test_perplexity_thresholds_count_lower_as_better(config):
+    config.evaluation.threshold_metric = "perplexity"
+    result = thresholds(config, 1, {"metrics": {"perplexity": 10.0}, "base": {"perplexity": 56.0}})
+    assert result["passed"] and result["checks"]["stage1"]["value"] == pytest.approx(4.6)
+    config.evaluation.threshold_mode, config.evaluation.stage1_threshold = "absolute", 12.0
+    assert thresholds(config, 1, {"metrics": {"perplexity": 10.0}})["passed"] is True
+    assert thresholds(config, 1, {"metrics": {"perplexity": 13.0}})["passed"] is False
+
+
+def test_threshold_settings_are_validated(project):
+    path = project / "config" / "fine_tuning_config.yaml"
+    with pytest.raises(ConfigError, match="above what accuracy reaches"):
+        load_config(path, environ={}, overrides={"evaluation.threshold_mode": "absolute",
+                                                 "evaluation.threshold_metric": "accuracy",
+                                                 "evaluation.stage1_threshold": 70})
+    with pytest.raises(ConfigError, match="threshold_metric 'bleu' must be one of the measured metrics"):
+        load_config(path, environ={}, overrides={"evaluation.threshold_metric": "bleu",
+                                                 "evaluation.metrics": ["perplexity", "chrf"]})

@@ -30,6 +30,9 @@ from trainer.training_data import Batch, Sampler, TokenizedSet, collate, eval_ro
 CHECKPOINT_PREFIX = "iter-"
 KEEP_CHECKPOINTS = 2
 
+# end-of-turn tokens of the common chat templates (ChatML, Llama 3, Phi, Gemma, OLMo 2 uses EOS)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
+
 
 class TrainingError(ProjectError):
     kind = "training_error"
@@ -118,6 +121,17 @@ class Backend(ABC):
     @abstractmethod
     def eval_mode(self) -> None:
         """Inference from here on: no dropout."""
+
+    def end_ids(self, extra: Any = None) -> list[int]:
+        """Tokens that end the assistant's turn: the tokenizer's end of sequence, `extra` (the
+        model's generation config), and the chat template's own end-of-turn token when it is a
+        special token of the vocabulary (`<|im_end|>` of ChatML, `<|eot_id|>` of Llama 3...), so
+        generation stops where the turn ends even when the tokenizer names another token."""
+        ids = {self.tokenizer.eos_token_id} | set(extra if isinstance(extra, (list, tuple, set)) else [extra])
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        vocab = self.tokenizer.get_vocab()
+        ids |= {vocab[token] for token in END_OF_TURN if token in template and token in vocab}
+        return sorted(i for i in ids if isinstance(i, int))
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's tokens as training saw them (the template already holds any BOS)."""

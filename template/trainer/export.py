@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer import export_target, gguf_export, hub, model_card
+from trainer import export_target, gguf_check, gguf_export, hub, model_card
 from trainer.config import ARCHITECTURES, EXPORT_FORMATS, FineTuningConfig
 from trainer.export_engines import ExportError, adapter_into, fuse_mlx, merge_hf, model_type
 from trainer.files import TEMP_PREFIX, write_atomic
@@ -140,9 +140,19 @@ def _build(fmt: str, merge: bool, quantization: str, source: str, adapter: Path,
         file = f"{name}-{quantization}.gguf"
         facts.update(gguf_export.convert(merged, target / file, quantization, name))
         facts["gguf_file"] = file
+        facts["llama_cpp_check"] = _check_in_llama_cpp(target / file, merged)
     finally:
         shutil.rmtree(merged, ignore_errors=True)
     return facts
+
+
+def _check_in_llama_cpp(file: Path, merged: Path) -> dict[str, Any]:
+    """The GGUF answers in llama.cpp as the merged model does in transformers (trainer/gguf_check.py);
+    a file llama.cpp rejects fails the export, a crash of llama.cpp itself is reported."""
+    try:
+        return gguf_check.verify(file, merged)
+    except gguf_check.LoaderError as error:
+        raise ExportError(f"the GGUF export does not load in llama.cpp: {error}") from None
 
 
 def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, output: Optional[Path] = None,

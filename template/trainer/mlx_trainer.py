@@ -213,6 +213,8 @@ class MLXBackend(Backend):
         from mlx_lm.sample_utils import make_sampler
 
         self.model.eval()  # dropout off: greedy generation is the same every time
+        for token in self.end_ids(list(self.tokenizer.eos_token_ids)):
+            self.tokenizer.add_eos_token(token)  # stop where the turn ends, as transformers does
         sampler = make_sampler(temp=temperature, top_p=top_p if temperature > 0 and top_p < 1 else 0.0)
         return [generate(self.model, self.tokenizer, prompt=self.prompt_ids(p), max_tokens=max_tokens,
                          sampler=sampler, verbose=False) for p in prompts]

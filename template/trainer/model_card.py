@@ -61,7 +61,11 @@ def _evaluation(run_dir: Path, stage: int) -> list[str]:
     for name, metrics in rows:
         lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" if c in metrics else "-" for c in columns) + " |")
     passed = data.get("thresholds", {}).get("passed")
-    lines += ["", f"Thresholds: {'passed' if passed else 'not passed'}.", ""]
+    verdict = {True: "passed", False: "not passed"}.get(passed, "not judged")
+    checks = data.get("thresholds", {}).get("checks", {})
+    lines += ["", f"Thresholds ({data.get('thresholds', {}).get('mode', 'absolute')}): {verdict}"
+              + "".join(f"; {name}: {c['metric']} {'n/a' if c['value'] is None else format(c['value'], '.4f')} vs "
+                        f"{c['threshold']}" for name, c in checks.items()) + ".", ""]
     return lines
 
 

@@ -193,7 +193,8 @@ class TransformersBackend(Backend):
         for prompt in prompts:
             ids = torch.tensor([self.prompt_ids(prompt)], device=self.device)
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_id,
+                                      eos_token_id=self.end_ids(self.model.generation_config.eos_token_id),
+                                      pad_token_id=self.pad_id,
                                       use_cache=True, **sampling)
             outputs.append(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         return outputs

@@ -1,0 +1,153 @@
+"""Check a GGUF export in llama.cpp (llama-cpp-python), in a child process.
+
+The check answers a chat prompt with the GGUF's greedy decoding and with the merged Hugging
+Face model it was converted from, and reports whether the texts agree and whether llama.cpp
+stopped at the end-of-turn token. llama.cpp runs in a child process because a llama.cpp built
+for the host CPU can die outright on some CPUs (SIGILL or a segfault in its CPU weight
+repacking, seen with AMX on Intel Sapphire Rapids and later): the export then reports the crash
+and what to do, instead of dying with it. After such a crash the check is retried with the
+repacking turned off (`use_extra_bufts = False`), which tells a broken build from a broken file.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+PROMPT = "What is the capital of France? Answer in one sentence."
+REBUILD = ('CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall --no-cache-dir --no-deps '
+           'llama-cpp-python')
+TIMEOUT = 600
+
+
+class LoaderError(RuntimeError):
+    """llama.cpp refused the file (an error, not a crash): the GGUF itself is wrong."""
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def decode(file: Path, prompt_ids: list[int], max_tokens: int, repack: bool = True,
+           command: Optional[list[str]] = None) -> dict[str, Any]:
+    """Greedy decoding of `prompt_ids` by llama.cpp in a child process: {"tokens", "stopped",
+    "version"}, or {"crashed": signal name} when the child died of a signal."""
+    child = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    argv = (command or [sys.executable, "-c", child, __file__]) + [str(file), str(max_tokens), "1" if repack else "0"]
+    try:
+        out = subprocess.run(argv, input=json.dumps(prompt_ids), capture_output=True, text=True, timeout=TIMEOUT,
+                             cwd=file.parent)
+    except subprocess.TimeoutExpired:
+        return {"crashed": f"no answer within {TIMEOUT} s"}
+    if out.returncode < 0:
+        try:
+            name = signal.Signals(-out.returncode).name
+        except ValueError:
+            name = f"signal {-out.returncode}"
+        return {"crashed": name, "stderr": out.stderr[-2000:]}
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise LoaderError(f"llama.cpp could not run {file.name} (exit {out.returncode}): "
+                          f"{(out.stderr or out.stdout).strip()[-1500:]}")
+    return json.loads(lines[-1])
+
+
+def reference(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens of the merged Hugging Face model, up to its end-of-turn token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=model.generation_config.eos_token_id)
+    tokens = out[0, len(prompt_ids):].tolist()
+    ends = model.generation_config.eos_token_id
+    ends = set(ends if isinstance(ends, list) else [ends])
+    return [t for t in tokens[:next((i for i, t in enumerate(tokens) if t in ends), len(tokens))]]
+
+
+def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[list[str]] = None) -> dict[str, Any]:
+    """The export's llama.cpp check (see the module's docstring). Never raises for a crash of
+    llama.cpp; raises LoaderError when llama.cpp rejects the file."""
+    if command is None and not available():
+        return {"checked": False, "reason": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]
+    result: dict[str, Any] = {"checked": True, "prompt": PROMPT, "max_tokens": max_tokens}
+    answer = decode(file, ids, max_tokens, True, command)
+    if "crashed" in answer:
+        result["crash"] = {
+            "signal": answer["crashed"], "with": "llama.cpp's CPU weight repacking on (its default)",
+            "stderr": answer.get("stderr", "")[-500:],
+            "advice": "this llama-cpp-python was built for a CPU feature its kernels then crash on (AMX on Intel "
+                      f"Sapphire Rapids and later is the known case); rebuild it portable: {REBUILD}; or load "
+                      "with Llama(..., use_extra_bufts=False) where the library allows it"}
+        answer = decode(file, ids, max_tokens, False, command)
+        if "crashed" in answer:
+            result.update(checked=False, reason=f"llama.cpp crashed ({answer['crashed']}) with repacking on and "
+                                                f"off; the file is unverified: {result['crash']['advice']}")
+            return result
+        result["crash"]["retried"] = "works with repacking off (use_extra_bufts=False): the file is fine"
+    expected = reference(model_dir, ids, max_tokens)
+    got = answer["tokens"]
+    result.update(
+        llama_cpp_version=answer.get("version"), llama_cpp_text=tokenizer.decode(got),
+        transformers_text=tokenizer.decode(expected), same_greedy_text=got == expected,
+        same_first_token=bool(got) and bool(expected) and got[0] == expected[0],
+        stopped_at_end_of_turn=answer["stopped"],
+        end_of_turn=answer.get("end_token"))
+    return result
+
+
+def _child(file: str, max_tokens: int, repack: bool) -> None:
+    """In the child: load, decode greedily, print one JSON line."""
+    import llama_cpp
+
+    prompt = json.loads(sys.stdin.read())
+    kwargs: dict[str, Any] = {"model_path": file, "n_ctx": len(prompt) + max_tokens + 8, "verbose": False,
+                              "n_threads": 2}
+    llm = llama_cpp.Llama(**kwargs) if repack else _without_repacking(llama_cpp, kwargs)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model) if hasattr(llama_cpp, "llama_model_get_vocab") else None
+    tokens: list[int] = []
+    stopped, end = False, None
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        if (llama_cpp.llama_vocab_is_eog(vocab, token) if vocab is not None else token == llm.token_eos()):
+            stopped, end = True, llm.detokenize([token], special=True).decode(errors="replace")
+            break
+        tokens.append(int(token))
+        if len(tokens) >= max_tokens:
+            break
+    print(json.dumps({"tokens": tokens, "stopped": stopped, "end_token": end, "version": llama_cpp.__version__}))
+
+
+def _without_repacking(llama_cpp: Any, kwargs: dict[str, Any]) -> Any:
+    """A Llama whose CPU weight repacking (extra buffer types) is off: llama-cpp-python has no
+    argument for it, so the default model parameters its constructor starts from are changed."""
+    bindings = llama_cpp.llama_cpp
+    original = bindings.llama_model_default_params
+
+    def params():
+        value = original()
+        value.use_extra_bufts = False
+        return value
+
+    bindings.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(**kwargs)
+    finally:
+        bindings.llama_model_default_params = original
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1")
