@@ -87,8 +87,10 @@ def test_exact_file_set(generated):
     stage2 = {SAMPLE[answers["dataset_format"]].replace("raw/sample_dataset", "raw/stage2/sample_domain")}
     uses_mlx = answers["backend"] == "mlx" or (answers["backend"] == "auto" and answers["enable_mlx_optimization"])
     launchers = (ACCELERATE if answers["backend"] != "mlx" else set()) | (MLX_HOSTS if uses_mlx else set())
-    assert files_of(project) == SOURCES | {SAMPLE[answers["dataset_format"]]} | launchers | (
-        stage2 if answers["num_stages"] == 2 else set())
+    samples = {SAMPLE[answers["dataset_format"]]} | (stage2 if answers["num_stages"] == 2 else set())
+    # the samples again in tests/samples/: the project's tests use them, whatever data/raw/ then holds
+    assert files_of(project) == SOURCES | launchers | samples | {
+        name.replace("data/raw/", "tests/samples/") for name in samples}
     assert (project / "data" / "raw" / "stage2").is_dir() == (answers["num_stages"] == 2)
 
 

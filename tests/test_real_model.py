@@ -136,4 +136,5 @@ def test_mlx_learns_on_the_real_model_and_transformers_reads_its_adapter(smol):
     assert np.abs(trained - mlx_logits(base, ids)).max() > 1e-2, "the adapter changes the model"
     assert np.abs(in_peft - trained).max() < 1e-2 and (in_peft.argmax(-1) == trained.argmax(-1)).all()
     print(f"SmolLM2 on mlx, 3 steps: val loss {stage['val_loss_before']:.3f} -> {stage['val_loss']:.3f} at "
-          f"{stage['tokens_per_second']:.1f} tokens/s; its adapter in peft vs mlx {np.abs(in_peft - trained).max():.2e}")
+          f"{stage['tokens_per_second']:.1f} tokens/s; its adapter in peft vs mlx "
+          f"{np.abs(in_peft - trained).max():.2e}")

@@ -1,5 +1,6 @@
-"""Fixtures: a scratch copy of this project (config and raw data) so tests never touch
-the real data/ folder."""
+"""Fixtures: a scratch copy of this project (its config, and the template's sample data from
+tests/samples/) so tests never touch the real data/ folder and keep passing after you replace
+the samples with your own data."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from trainer.config import load_config  # noqa: E402
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A copy of config/ and data/raw/ in a temporary project root."""
+    """A temporary project root with a copy of config/ and the sample data in data/raw/."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
-    shutil.copytree(ROOT / "data" / "raw", tmp_path / "data" / "raw")
+    shutil.copytree(ROOT / "tests" / "samples", tmp_path / "data" / "raw")
     return tmp_path
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import adapters, gguf_export, hub, model_card
+from trainer import adapters, gguf_check, gguf_export, hub, model_card
 from trainer.export import check_planned
 from trainer.export_engines import ExportError
 
@@ -178,3 +178,20 @@ def test_a_planned_gguf_export_is_checked_at_configure_time(config, tmp_path: Pa
     (model / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}}))
     with pytest.raises(ExportError, match="tokenizer cannot be exported"):  # known before training, too
         check_planned(config)
+
+
+def test_a_llama_cpp_that_dies_is_reported_not_shared(tmp_path: Path):
+    """The GGUF check's child process: a death by signal (a llama.cpp built for AMX crashes so)
+    comes back as a finding; an error exit (llama.cpp rejecting the file) as LoaderError."""
+    import sys
+
+    file = tmp_path / "model.gguf"
+    file.write_bytes(b"GGUF")
+    dies = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
+    assert gguf_check.decode(file, [1, 2], 4, command=dies)["crashed"] == "SIGILL"
+    refuses = [sys.executable, "-c", "import sys; sys.exit('llama_model_load: error loading model')"]
+    with pytest.raises(gguf_check.LoaderError, match="could not run model.gguf .exit 1.: llama_model_load"):
+        gguf_check.decode(file, [1, 2], 4, command=refuses)
+    answers = [sys.executable, "-c", "import json, sys; print(json.dumps({'tokens': json.load(sys.stdin), "
+               "'stopped': sys.argv[3] == '0'}))"]
+    assert gguf_check.decode(file, [5, 6], 4, repack=False, command=answers) == {"tokens": [5, 6], "stopped": True}

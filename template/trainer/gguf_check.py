@@ -38,6 +38,7 @@ def decode(file: Path, prompt_ids: list[int], max_tokens: int, repack: bool = Tr
            command: Optional[list[str]] = None) -> dict[str, Any]:
     """Greedy decoding of `prompt_ids` by llama.cpp in a child process: {"tokens", "stopped",
     "version"}, or {"crashed": signal name} when the child died of a signal."""
+    file = file.resolve()  # the child runs in the file's folder
     child = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     argv = (command or [sys.executable, "-c", child, __file__]) + [str(file), str(max_tokens), "1" if repack else "0"]
     try:
@@ -58,20 +59,21 @@ def decode(file: Path, prompt_ids: list[int], max_tokens: int, repack: bool = Tr
     return json.loads(lines[-1])
 
 
-def reference(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """Greedy tokens of the merged Hugging Face model, up to its end-of-turn token."""
+def reference(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], bool]:
+    """Greedy tokens of the merged Hugging Face model up to its end of turn, and whether it got there."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     model.eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
-                             pad_token_id=model.generation_config.eos_token_id)
-    tokens = out[0, len(prompt_ids):].tolist()
     ends = model.generation_config.eos_token_id
     ends = set(ends if isinstance(ends, list) else [ends])
-    return [t for t in tokens[:next((i for i, t in enumerate(tokens) if t in ends), len(tokens))]]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=sorted(ends), pad_token_id=sorted(ends)[0])
+    tokens = out[0, len(prompt_ids):].tolist()
+    stop = next((i for i, t in enumerate(tokens) if t in ends), None)
+    return (tokens, False) if stop is None else (tokens[:stop], True)
 
 
 def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[list[str]] = None) -> dict[str, Any]:
@@ -99,14 +101,15 @@ def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[
                                                 f"off; the file is unverified: {result['crash']['advice']}")
             return result
         result["crash"]["retried"] = "works with repacking off (use_extra_bufts=False): the file is fine"
-    expected = reference(model_dir, ids, max_tokens)
+    expected, ended = reference(model_dir, ids, max_tokens)
     got = answer["tokens"]
+    # the end of the turn counts as a token: both ending at once is agreement
+    mine, theirs = got + ["end"] * answer["stopped"], expected + ["end"] * ended
     result.update(
         llama_cpp_version=answer.get("version"), llama_cpp_text=tokenizer.decode(got),
-        transformers_text=tokenizer.decode(expected), same_greedy_text=got == expected,
-        same_first_token=bool(got) and bool(expected) and got[0] == expected[0],
-        stopped_at_end_of_turn=answer["stopped"],
-        end_of_turn=answer.get("end_token"))
+        transformers_text=tokenizer.decode(expected), same_greedy_text=mine == theirs,
+        same_first_token=mine[:1] == theirs[:1], stopped_at_end_of_turn=answer["stopped"],
+        transformers_stopped=ended, end_of_turn=answer.get("end_token"))
     return result
 
 
