@@ -213,8 +213,8 @@ def test_a_crash_of_llama_cpp_is_reported_not_shared(project, runs):
 
     llama_cpp()
     run_id = runs["transformers"]
-    merged = Path(export(project, run_id, 1, "huggingface")["export_path"])
-    gguf = export(project, run_id, 1, "gguf", "--quantization", "f32")
+    merged = Path(export(project, run_id, 1, "huggingface", "--overwrite")["export_path"])  # merged, whatever was there
+    gguf = export(project, run_id, 1, "gguf", "--quantization", "f32", "--overwrite")
     file = Path(gguf["export_path"]) / gguf["details"]["gguf_file"]
     env = {**os.environ, "GGUF_CHECK": str(project / "trainer" / "gguf_check.py")}
 
