@@ -10,7 +10,7 @@
 #
 #   bash scripts/demo.sh [DEST]     (default DEST: ./demo-project; must not exist)
 #
-# About 15 minutes on 2 CPU cores, plus about 5 the first time pip builds llama-cpp-python.
+# About 6-8 minutes on 2 CPU cores, plus about 5 the first time pip builds llama-cpp-python.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dest=${1:-demo-project}
