@@ -34,6 +34,18 @@ KEEP_CHECKPOINTS = 2
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
 
 
+def end_of_turn_ids(tokenizer: Any, extra: Any = None) -> list[int]:
+    """Tokens that end the assistant's turn: the tokenizer's end of sequence, `extra` (the
+    model's generation config), and the chat template's own end-of-turn token when it is a
+    special token of the vocabulary (`<|im_end|>` of ChatML, `<|eot_id|>` of Llama 3...), so
+    generation stops where the turn ends even when the tokenizer names another token."""
+    ids = {tokenizer.eos_token_id} | set(extra if isinstance(extra, (list, tuple, set)) else [extra])
+    template = getattr(tokenizer, "chat_template", None) or ""
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[token] for token in END_OF_TURN if token in template and token in vocab}
+    return sorted(i for i in ids if isinstance(i, int))
+
+
 class TrainingError(ProjectError):
     kind = "training_error"
 
@@ -123,15 +135,8 @@ class Backend(ABC):
         """Inference from here on: no dropout."""
 
     def end_ids(self, extra: Any = None) -> list[int]:
-        """Tokens that end the assistant's turn: the tokenizer's end of sequence, `extra` (the
-        model's generation config), and the chat template's own end-of-turn token when it is a
-        special token of the vocabulary (`<|im_end|>` of ChatML, `<|eot_id|>` of Llama 3...), so
-        generation stops where the turn ends even when the tokenizer names another token."""
-        ids = {self.tokenizer.eos_token_id} | set(extra if isinstance(extra, (list, tuple, set)) else [extra])
-        template = getattr(self.tokenizer, "chat_template", None) or ""
-        vocab = self.tokenizer.get_vocab()
-        ids |= {vocab[token] for token in END_OF_TURN if token in template and token in vocab}
-        return sorted(i for i in ids if isinstance(i, int))
+        """This model's end-of-turn tokens (end_of_turn_ids)."""
+        return end_of_turn_ids(self.tokenizer, extra)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's tokens as training saw them (the template already holds any BOS)."""

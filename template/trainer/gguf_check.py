@@ -59,15 +59,17 @@ def decode(file: Path, prompt_ids: list[int], max_tokens: int, repack: bool = Tr
     return json.loads(lines[-1])
 
 
-def reference(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], bool]:
-    """Greedy tokens of the merged Hugging Face model up to its end of turn, and whether it got there."""
+def reference(model_dir: Path, tokenizer: Any, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], bool]:
+    """Greedy tokens of the merged Hugging Face model up to its end of turn (the same end-of-turn
+    tokens the project's engines stop at), and whether it got there."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from trainer.base_trainer import end_of_turn_ids  # here: the child process runs without the project
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     model.eval()
-    ends = model.generation_config.eos_token_id
-    ends = set(ends if isinstance(ends, list) else [ends])
+    ends = set(end_of_turn_ids(tokenizer, model.generation_config.eos_token_id))
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
                              eos_token_id=sorted(ends), pad_token_id=sorted(ends)[0])
@@ -101,7 +103,7 @@ def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[
                                                 f"off; the file is unverified: {result['crash']['advice']}")
             return result
         result["crash"]["retried"] = "works with repacking off (use_extra_bufts=False): the file is fine"
-    expected, ended = reference(model_dir, ids, max_tokens)
+    expected, ended = reference(model_dir, tokenizer, ids, max_tokens)
     got = answer["tokens"]
     # the end of the turn counts as a token: both ending at once is agreement
     mine, theirs = got + ["end"] * answer["stopped"], expected + ["end"] * ended

@@ -190,11 +190,11 @@ class TransformersBackend(Backend):
         outputs = []
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False}
+        ends = self.end_ids(self.model.generation_config.eos_token_id)  # once, not per prompt: it reads the vocab
         for prompt in prompts:
             ids = torch.tensor([self.prompt_ids(prompt)], device=self.device)
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                      eos_token_id=self.end_ids(self.model.generation_config.eos_token_id),
-                                      pad_token_id=self.pad_id,
+                                      eos_token_id=ends, pad_token_id=self.pad_id,
                                       use_cache=True, **sampling)
             outputs.append(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         return outputs
