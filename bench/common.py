@@ -90,7 +90,7 @@ def bench_project(folder: Path, backend: str, n_rows: int, shape: dict = SHAPE,
     raw = project / "data" / "raw" / "bench.jsonl"
     raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sys.path.insert(0, str(project))
-    from trainer import tiny_model
+    from trainer.models import tiny_model
 
     model = project / "models" / "bench-llama"
     if real:

@@ -70,7 +70,7 @@ args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(batch),
 # consecutive groups of `batch` for the Trainer's dataloader, so only the engines differ.
 sys.path.insert(0, ".")
 import numpy as np
-from trainer.training_data import Sampler
+from trainer.data.training_data import Sampler
 sampler = Sampler([(np.ones(len(rows)), 1.0)], int(batch), int(seed), 1)
 order = [int(i) for step in range(1, int(steps) + 1) for i in sampler.batch(step, 0)]
 

@@ -3,10 +3,10 @@
     python bench/weighting_and_data.py [--sizes 10000 100000 1000000] [--skip-prepare]
 
 1. Weighting: the generated project draws batches by weighted sampling of row indices
-   (trainer.training_data.Sampler); the usual alternative copies every high-quality row
+   (trainer.data.training_data.Sampler); the usual alternative copies every high-quality row
    `multiplier` times before shuffling. For each size: peak Python memory (tracemalloc) and
    time to set up, and the time to draw 100 batches of 16.
-2. Preparation: scripts/prepare_dataset.py's code path (trainer.dataset_preparator.prepare)
+2. Preparation: scripts/prepare_dataset.py's code path (trainer.data.dataset_preparator.prepare)
    on synthetic JSONL: rows per second and peak memory, and how both grow with the size.
 
 The project's code is imported from template/ (its Python files are copied verbatim).
@@ -51,7 +51,7 @@ def measure(function):
 
 
 def weighting(n: int) -> dict:
-    from trainer.training_data import Sampler, quality_weights
+    from trainer.data.training_data import Sampler, quality_weights
 
     data = rows(n)
     qualities = [r["quality"] for r in data]
@@ -107,7 +107,7 @@ def _high_water_mib() -> float:
 
 def _child_prepare(n: int, folder: Path) -> None:
     from trainer.config import load_config
-    from trainer.dataset_preparator import prepare
+    from trainer.data.dataset_preparator import prepare
 
     project = folder / f"p{n}"
     (project / "config").mkdir(parents=True)

@@ -27,8 +27,8 @@ project, run_id = Path(sys.argv[1]), sys.argv[2]
 os.chdir(project)
 sys.path.insert(0, str(project))
 
-from trainer import distributed, pipeline  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.engines import distributed, pipeline  # noqa: E402
 
 
 class FullyShardOnCPUAccelerator(Accelerator):

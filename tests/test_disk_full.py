@@ -120,7 +120,7 @@ def test_a_status_file_that_cannot_be_read_is_rewritten_by_the_next_write(projec
     assert code == 0, out
     path = project / "runs" / out["run_id"] / "status.json"
     write = ("import sys; sys.path.insert(0, '.'); from trainer.config import load_config; "
-             "from trainer.training_run_manager import RunManager; "
+             "from trainer.runs.training_run_manager import RunManager; "
              "RunManager(load_config('config/fine_tuning_config.yaml')).write_status(sys.argv[1], status='running')")
     for garbage in (b"\x00\xff{", b"[]", b'"running"'):
         path.write_bytes(garbage)

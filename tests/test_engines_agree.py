@@ -23,8 +23,8 @@ PROBE = """
 import json, sys
 import numpy as np
 from trainer.config import load_config
-from trainer.pipeline import make_backend
-from trainer.training_data import collate, tokenize, read_records
+from trainer.engines.backends import make_backend
+from trainer.data.training_data import collate, tokenize, read_records
 
 engine, path = sys.argv[1], sys.argv[2]
 config = load_config("config/fine_tuning_config.yaml")

@@ -197,7 +197,7 @@ runpy.run_path(child, run_name="__main__")
 CHECK_WITH_CRASHES = """
 import json, sys
 from pathlib import Path
-from trainer import gguf_check
+from trainer.export import gguf_check
 crash = [sys.executable, "-c", sys.argv[3]]
 print(json.dumps(gguf_check.verify(Path(sys.argv[1]), Path(sys.argv[2]), command=crash)))
 """
@@ -216,7 +216,7 @@ def test_a_crash_of_llama_cpp_is_reported_not_shared(project, runs):
     merged = Path(export(project, run_id, 1, "huggingface", "--overwrite")["export_path"])  # merged, whatever was there
     gguf = export(project, run_id, 1, "gguf", "--quantization", "f32", "--overwrite")
     file = Path(gguf["export_path"]) / gguf["details"]["gguf_file"]
-    env = {**os.environ, "GGUF_CHECK": str(project / "trainer" / "gguf_check.py")}
+    env = {**os.environ, "GGUF_CHECK": str(project / "trainer" / "export" / "gguf_check.py")}
 
     def check(**extra: str) -> dict:
         out = subprocess.run([sys.executable, "-c", CHECK_WITH_CRASHES, str(file), str(merged), CRASHING_LLAMA_CPP],
@@ -233,7 +233,7 @@ def test_a_crash_of_llama_cpp_is_reported_not_shared(project, runs):
 
     broken = file.parent.parent / "broken.gguf"
     broken.write_bytes(file.read_bytes()[:4096])  # a truncated file: llama.cpp refuses it, no crash
-    out = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from trainer import gguf_check\n"
+    out = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from trainer.export import gguf_check\n"
                           "try:\n gguf_check.verify(Path(sys.argv[1]), Path(sys.argv[2]))\n"
                           "except gguf_check.LoaderError as e: print('refused:', e)", str(broken), str(merged)],
                          cwd=project, capture_output=True, text=True)

@@ -18,9 +18,9 @@ import streamlit as st
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from trainer import emissions  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.training_run_manager import RunManager  # noqa: E402
+from trainer.observe import emissions  # noqa: E402
+from trainer.runs.training_run_manager import RunManager  # noqa: E402
 
 
 def metrics_frame(path: Path, run_id: str) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import cli  # noqa: E402
-from trainer.emissions import report  # noqa: E402
+from trainer.observe.emissions import report  # noqa: E402
 
 
 def main(args) -> dict:

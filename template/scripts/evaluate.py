@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import cli, guard  # noqa: E402
-from trainer.evaluation import evaluate_run  # noqa: E402
+from trainer.evaluate.evaluation import evaluate_run  # noqa: E402
 
 
 def main(args) -> dict:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import cli  # noqa: E402
 from trainer.config import EXPORT_FORMATS  # noqa: E402
-from trainer.export import export_run  # noqa: E402
+from trainer.export.export import export_run  # noqa: E402
 
 
 def main(args) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import cli  # noqa: E402
-from trainer.generation import GenerationError, check_length, check_options, load_model, reply  # noqa: E402
+from trainer.evaluate.generation import GenerationError, check_length, check_options, load_model, reply  # noqa: E402
 
 
 def request(args) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import cli  # noqa: E402
-from trainer.data_import import import_files  # noqa: E402
+from trainer.data.data_import import import_files  # noqa: E402
 
 
 def main(args) -> dict:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer import cli, tiny_model  # noqa: E402
-from trainer.base_model import corpus  # noqa: E402
+from trainer import cli  # noqa: E402
+from trainer.models import tiny_model  # noqa: E402
+from trainer.models.base_model import corpus  # noqa: E402
 
 SHAPE_FLAGS = {
     "vocab_size": "--vocab-size", "hidden_size": "--hidden-size", "intermediate_size": "--intermediate-size",

@@ -25,7 +25,7 @@ def main() -> None:
     try:
         import uvicorn
 
-        from trainer.monitor_api import create_app
+        from trainer.observe.monitor_api import create_app
     except ImportError as error:
         sys.exit(f"the monitor needs fastapi and uvicorn ({error.name} is missing): pip install -e '.[dashboard]'")
     uvicorn.run(create_app(load_config(args.config)), host=args.host, port=args.port, log_level="warning")

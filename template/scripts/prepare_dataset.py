@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import cli  # noqa: E402
-from trainer.dataset_preparator import DatasetError, plan, write  # noqa: E402
+from trainer.data.dataset_preparator import DatasetError, plan, write  # noqa: E402
 
 
 def main(args) -> dict:

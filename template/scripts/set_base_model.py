@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer import base_model, cli, tiny_model  # noqa: E402
+from trainer import cli  # noqa: E402
 from trainer.errors import ProjectError  # noqa: E402
+from trainer.models import base_model, tiny_model  # noqa: E402
 
 
 def main(args) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import cli  # noqa: E402
-from trainer.training_run_manager import RunManager  # noqa: E402
+from trainer.runs.training_run_manager import RunManager  # noqa: E402
 
 
 def main(args) -> dict:

@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configure_run import add_arguments, data_args  # noqa: E402
 
-from trainer import cli, distributed  # noqa: E402
-from trainer.pipeline import train_run  # noqa: E402
-from trainer.training_run_manager import RunManager  # noqa: E402
+from trainer import cli  # noqa: E402
+from trainer.engines import distributed  # noqa: E402
+from trainer.engines.pipeline import train_run  # noqa: E402
+from trainer.runs.training_run_manager import RunManager  # noqa: E402
 
 
 def main(args) -> dict:

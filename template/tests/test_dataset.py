@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import load_config
-from trainer.dataset_preparator import DatasetError, prepare
+from trainer.data.dataset_preparator import DatasetError, prepare
 from trainer.errors import ProjectError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,7 +331,7 @@ def test_both_stages_are_written_or_neither(config, project):
 
 def test_raw_files_of_every_supported_format_are_found_by_default(config, project):
     """A parquet file in a csv project (or any other mix) is read by its extension."""
-    from trainer.dataset_preparator import find_inputs
+    from trainer.data.dataset_preparator import find_inputs
 
     folders = [(1, project / "data" / "raw")]
     if config.training.num_stages == 2:
@@ -345,7 +345,7 @@ def test_raw_files_of_every_supported_format_are_found_by_default(config, projec
 
 
 def test_import_copies_only_data_that_validates_and_keeps_the_rest(config, project, tmp_path):
-    from trainer.data_import import import_files
+    from trainer.data.data_import import import_files
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()

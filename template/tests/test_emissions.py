@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import emissions, tracking
+from trainer.observe import emissions, tracking
 
 COLUMNS = ["timestamp", "run_id", "duration", "emissions", "energy_consumed", "cpu_energy", "gpu_energy",
            "ram_energy", "cpu_power", "gpu_power", "ram_power", "country_name", "region", "tracking_mode"]
@@ -171,7 +171,7 @@ def test_the_monitoring_api_without_runs(config):
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    from trainer.monitor_api import create_app
+    from trainer.observe.monitor_api import create_app
 
     client = TestClient(create_app(config))
     assert client.get("/runs").json() == {"runs": []}

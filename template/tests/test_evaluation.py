@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.evaluation import EvaluationError, custom_metric, normalise, text_metrics, thresholds
+from trainer.evaluate.evaluation import EvaluationError, custom_metric, normalise, text_metrics, thresholds
 
 
 def test_exact_match_normalises_case_punctuation_and_spaces():

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import adapters, gguf_check, gguf_export, hub, model_card
-from trainer.export import check_planned
-from trainer.export_engines import ExportError
+from trainer.export import gguf_check, gguf_export, hub, model_card
+from trainer.models import adapters, gguf_support
+from trainer.models.gguf_support import check_planned
+from trainer.models.merge import ExportError
 
 pytest.importorskip("safetensors")
 
@@ -65,30 +66,30 @@ def test_gguf_support_is_listed():
 
 @pytest.mark.parametrize(("pre", "model", "expected"), [
     ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, {"type": "BPE"}, "gpt-2"),
-    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": gguf_export.CL100K}},
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": gguf_support.CL100K}},
                                             {"type": "ByteLevel", "use_regex": False}]},
      {"type": "BPE", "ignore_merges": True}, "llama-bpe"),
-    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": gguf_export.CL100K}},
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": gguf_support.CL100K}},
                                             {"type": "ByteLevel", "use_regex": False}]}, {"type": "BPE"}, "dbrx"),
 ])
 def test_tokenizer_pre_tokenizers_map_to_llama_cpp(tmp_path: Path, pre, model, expected):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": pre, "model": model}))
-    assert gguf_export.tokenizer_pre(tmp_path) == expected
+    assert gguf_support.tokenizer_pre(tmp_path) == expected
 
 
 def test_sentencepiece_models_are_recognised(tmp_path: Path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "byte_fallback": True}}))
     with pytest.raises(gguf_export.GGUFError, match="no tokenizer.model"):
-        gguf_export.tokenizer_pre(tmp_path)
+        gguf_support.tokenizer_pre(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"spm")
-    assert gguf_export.tokenizer_pre(tmp_path) == "default"
+    assert gguf_support.tokenizer_pre(tmp_path) == "default"
 
 
 def test_unknown_tokenizers_are_refused(tmp_path: Path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": {"type": "Whitespace"},
                                                          "model": {"type": "BPE"}}))
     with pytest.raises(gguf_export.GGUFError, match="Whitespace"):
-        gguf_export.tokenizer_pre(tmp_path)
+        gguf_support.tokenizer_pre(tmp_path)
 
 
 class FakeHubApiNoNetwork:

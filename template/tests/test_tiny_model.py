@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from trainer import tiny_model  # noqa: E402
+from trainer.models import tiny_model  # noqa: E402
 
 
 @pytest.mark.slow

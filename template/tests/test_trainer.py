@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.base_trainer import Backend, checkpoint_dirs, learning_rate, save_checkpoint
-from trainer.dataset_preparator import prepare
+from trainer.data.dataset_preparator import prepare
+from trainer.data.training_data import Sampler, TokenizedSet, collate, quality_weights
+from trainer.data.weighting import summary
+from trainer.engines.base_trainer import Backend, checkpoint_dirs, learning_rate, save_checkpoint
 from trainer.files import TEMP_PREFIX
-from trainer.training_data import Sampler, TokenizedSet, collate, quality_weights
-from trainer.training_run_manager import RunError, RunLocked, RunManager, lock_held
-from trainer.weighting import summary
+from trainer.runs.training_run_manager import RunError, RunLocked, RunManager, lock_held
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
@@ -225,7 +225,7 @@ HOLD = """
 import sys, time
 sys.path.insert(0, {root!r})
 from trainer.config import load_config
-from trainer.training_run_manager import RunManager
+from trainer.runs.training_run_manager import RunManager
 manager = RunManager(load_config({config!r}, environ=dict()))
 with manager.lock({run_id!r}):
     print("locked", flush=True)
@@ -275,31 +275,31 @@ def test_list_runs(prepared):
     ("linux", "x86_64", True, False, False, "none", ("mlx", "auto: installed")),
 ])
 def test_auto_backend_choice(monkeypatch, config, platform_name, machine, mlx, torch, cuda, quantization, expected):
-    from trainer import pipeline
+    from trainer.engines import backends
 
-    monkeypatch.setattr(pipeline.sys, "platform", platform_name)
-    monkeypatch.setattr(pipeline.platform, "machine", lambda: machine)
-    monkeypatch.setattr(pipeline, "installed", lambda m: {"mlx_lm": mlx, "torch": torch, "peft": torch}[m])
-    monkeypatch.setattr(pipeline, "_cuda", lambda: cuda)
+    monkeypatch.setattr(backends.sys, "platform", platform_name)
+    monkeypatch.setattr(backends.platform, "machine", lambda: machine)
+    monkeypatch.setattr(backends, "installed", lambda m: {"mlx_lm": mlx, "torch": torch, "peft": torch}[m])
+    monkeypatch.setattr(backends, "cuda_available", lambda: cuda)
     config.training.backend = "auto"
     config.base_model.quantization = quantization
-    assert pipeline.resolve_backend(config) == expected
+    assert backends.resolve_backend(config) == expected
 
 
 def test_a_requested_backend_must_be_installed(monkeypatch, config):
-    from trainer import pipeline
-    from trainer.base_trainer import TrainingError
+    from trainer.engines import backends
+    from trainer.engines.base_trainer import TrainingError
 
-    monkeypatch.setattr(pipeline, "installed", lambda m: False)
+    monkeypatch.setattr(backends, "installed", lambda m: False)
     config.training.backend = "mlx"
     with pytest.raises(TrainingError, match=r"backend is mlx, but it is not installed: pip install -e '\.\[mlx\]'"):
-        pipeline.resolve_backend(config)
+        backends.resolve_backend(config)
 
 
 def test_only_the_answer_counts_in_the_loss_by_default():
     pytest.importorskip("transformers")
-    from trainer.tiny_model import train_tokenizer
-    from trainer.training_data import tokenize
+    from trainer.data.training_data import tokenize
+    from trainer.models.tiny_model import train_tokenizer
 
     tokenizer = train_tokenizer(["What is 2 plus 3? 2 plus 3 is 5."], 300)
     record = {"messages": [{"role": "user", "content": "What is 2 plus 3?"},
@@ -316,7 +316,7 @@ def test_only_the_answer_counts_in_the_loss_by_default():
 
 def test_the_status_eta_covers_every_remaining_stage(prepared):
     """At 60% of stage 1 of a two-stage run the ETA counts stage 2 too, at stage 1's pace."""
-    from trainer.pipeline import RunRecorder
+    from trainer.engines.recorder import RunRecorder
 
     manager = RunManager(prepared)
     run_id = manager.configure("eta")["run_id"]

@@ -16,8 +16,9 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ENV_PREFIX = "OLMO_"
-ENV_DELIMITER = "__"
+from trainer.config_overrides import ENV_DELIMITER, ENV_PREFIX, apply, describe, env_overrides  # noqa: F401
+from trainer.errors import ConfigError  # noqa: F401  (re-exported: callers catch trainer.config.ConfigError)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "fine_tuning_config.yaml"
 
@@ -27,17 +28,8 @@ ARCHITECTURES = {"olmo": "olmo2", "llama": "llama", "mistral": "mistral", "custo
 
 # Kinds of fields that are not plain values (trainer.guard holds requests from outside to them);
 # fields typed Path are paths without saying so.
-RAW_EXTENSIONS = ("jsonl", "csv", "parquet", "pq")  # what trainer.dataset_preparator reads
+RAW_EXTENSIONS = ("jsonl", "csv", "parquet", "pq")  # what trainer.data.dataset_preparator reads
 GLOBS, CODE, ENDPOINT, STORE, MODEL = ({"guard": kind} for kind in ("globs", "code", "endpoint", "store", "model"))
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; `problems` lists one message per bad key."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(f"invalid configuration in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class Section(BaseModel):
@@ -373,77 +365,12 @@ class FineTuningConfig(Section):
 # ----------------------------------------------------------------- loading
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, Any]]:
-    """Config overrides found in the environment: {key path: (variable name, parsed value)}.
-
-    Only OLMO_<SECTION>__<KEY> variables (with the nested delimiter) are config
-    overrides; plain OLMO_* variables belong to other tools (e.g. the MCP server).
-    Values are parsed as YAML so numbers, booleans and lists keep their types.
-    """
-    found = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or ENV_DELIMITER not in name:
-            continue
-        path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split(ENV_DELIMITER))
-        if any(not part for part in path):
-            raise ConfigError(name, [f"{name}: empty key in the variable name (use OLMO_SECTION__KEY)"])
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        found[path] = (name, value)
-    return found
 
 
-def _allowed_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str] | None:
-    """The keys a mapping at `path` may hold, or None if `path` is not a section."""
-    for part in path:
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        candidates = [annotation, *args]
-        section = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if section is None:
-            return None
-        model = section
-    return sorted(model.model_fields)
 
 
-def _apply(data: dict[str, Any], overrides: dict[tuple[str, ...], tuple[str, Any]]) -> list[str]:
-    problems = []
-    for path, (name, value) in sorted(overrides.items()):
-        parent_keys = _allowed_keys(FineTuningConfig, path[:-1])
-        if parent_keys is None or path[-1] not in parent_keys:
-            where = ".".join(path[:-1]) or "the top level"
-            allowed = ", ".join(parent_keys) if parent_keys else ", ".join(sorted(FineTuningConfig.model_fields))
-            problems.append(f"{name}: unknown key '{'.'.join(path)}'; keys allowed in {where}: {allowed}")
-            continue
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[path[-1]] = value
-    return problems
 
 
-def _describe(error: dict[str, Any], sources: dict[tuple[str, ...], str], default_source: str) -> str:
-    loc = tuple(str(p) for p in error["loc"])
-    key = ".".join(loc) or "(top level)"
-    source = next((sources[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in sources), default_source)
-    if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(FineTuningConfig, tuple(loc[:-1])) or []
-        return f"{key}: unknown key (in {source}); allowed here: {', '.join(allowed)}"
-    if error["type"] == "missing":
-        return f"{key}: required key is missing (in {source})"
-    message = error["msg"].removeprefix("Value error, ")
-    got = error.get("input")
-    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-    return f"{key}: {message}{shown} (in {source})"
 
 
 def load_config(
@@ -477,7 +404,7 @@ def load_config(
     found = env_overrides(environ)
     for dotted, value in (overrides or {}).items():
         found[tuple(dotted.split("."))] = (f"override {dotted}", value)
-    problems = _apply(data, found)
+    problems = apply(FineTuningConfig, data, found)
     if problems:
         raise ConfigError(str(path), problems)
 
@@ -485,7 +412,8 @@ def load_config(
     try:
         config = FineTuningConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(str(path), [_describe(e, sources, str(path)) for e in error.errors()]) from None
+        problems = [describe(FineTuningConfig, e, sources, str(path)) for e in error.errors()]
+        raise ConfigError(str(path), problems) from None
 
     if root is None:
         parent = path.resolve().parent

@@ -8,6 +8,15 @@ from typing import Any
 CALLER_ENV = "OLMO_CALLER"  # "mcp" when the olmo-fine-tuning-mcp server runs the script
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot be used; `problems` lists one message per bad key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"invalid configuration in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 class ProjectError(Exception):
     """An expected failure: a message for the user, a machine-readable kind and details."""
 

@@ -8,203 +8,39 @@ run's lock and writes its files, the other ranks train alongside and only read t
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import os
 import platform
 import shutil
 import signal
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from trainer import distributed, emissions
-from trainer.base_trainer import (
-    Backend,
+from trainer.config import FineTuningConfig
+from trainer.data.training_data import Sampler, quality_weights, read_records, tokenize
+from trainer.data.weighting import summary as weighting_summary
+from trainer.engines import distributed
+from trainer.engines.backends import cuda_available, make_backend, resolve_backend
+from trainer.engines.base_trainer import (
     Cancelled,
     StagePlan,
-    TrainingCallback,
     TrainingError,
     checkpoint_dirs,
     hardware,
     prune_incomplete,
     train_stage,
 )
-from trainer.config import FineTuningConfig
-from trainer.emissions import StageEmissions
+from trainer.engines.recorder import EmissionsProbe, Follower, Progress, RunRecorder
 from trainer.errors import advice
 from trainer.files import TEMP_PREFIX, Reserve, write_json
-from trainer.tracking import Tracking, flatten
-from trainer.training_data import Sampler, quality_weights, read_records, tokenize
-from trainer.training_run_manager import RunError, RunManager, now
-from trainer.weighting import summary as weighting_summary
+from trainer.observe import emissions
+from trainer.observe.emissions import StageEmissions
+from trainer.observe.tracking import Tracking, flatten
+from trainer.runs.training_run_manager import RunError, RunManager, now
 
 log = logging.getLogger("trainer")
-
-
-def installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def engines() -> dict[str, bool]:
-    """Which training engines are installed."""
-    return {"mlx": installed("mlx_lm"), "transformers": installed("torch") and installed("peft")}
-
-
-def resolve_backend(config: FineTuningConfig) -> tuple[str, str]:
-    """(backend, reason): mlx on Apple silicon, transformers with CUDA, else what is installed."""
-    requested = config.training.backend
-    has = engines()
-    if requested != "auto":
-        if not has[requested]:
-            raise TrainingError(f"training.backend is {requested}, but it is not installed: "
-                                f"pip install -e '.[{requested}]'")
-        return requested, "set in the config"
-    apple = sys.platform == "darwin" and platform.machine() == "arm64"
-    cuda = has["transformers"] and _cuda()
-    if apple and has["mlx"]:
-        return "mlx", "auto: Apple silicon"
-    if cuda:
-        return "transformers", "auto: CUDA is available"
-    if config.base_model.quantization != "none" and has["mlx"]:
-        return "mlx", "auto: a quantized base needs mlx without CUDA"
-    if has["transformers"]:
-        return "transformers", "auto: installed (no CUDA, not Apple silicon)"
-    if has["mlx"]:
-        return "mlx", "auto: installed"
-    raise TrainingError("no training backend is installed: pip install -e '.[transformers]' or '.[mlx]'")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def make_backend(name: str, seed: int, world: distributed.World | None = None) -> Backend:
-    if name == "mlx":
-        from trainer.mlx_trainer import MLXBackend
-
-        return MLXBackend(seed, world)
-    from trainer.transformers_trainer import TransformersBackend
-
-    return TransformersBackend(seed, world)
-
-
-class Follower(RunManager):
-    """A run as ranks other than 0 see it: they read its files and never write them."""
-
-    def update_manifest(self, run_id: str, change) -> dict[str, Any]:
-        manifest = self.manifest(run_id)
-        change(manifest)
-        return manifest
-
-    def write_status(self, run_id: str, **fields: Any) -> dict[str, Any]:
-        return fields
-
-    @contextmanager
-    def lock(self, run_id: str):
-        self.run_dir(run_id)  # an unknown run is refused on every rank
-        yield {"cleaned": []}
-
-
-class RunRecorder(TrainingCallback):
-    """Appends every report to metrics.jsonl and keeps status.json current."""
-
-    def __init__(self, manager: RunManager, run_id: str, offset: int, total: int):
-        self.manager, self.run_id = manager, run_id
-        self.offset, self.total = offset, total  # iterations of earlier stages, of all stages
-        self.path = manager.run_dir(run_id) / "metrics.jsonl"
-        self.last: dict[str, Any] = {}
-        self.pace = 0.0  # seconds per iteration, from the stage's latest ETA
-
-    def append(self, info: dict[str, Any]) -> None:
-        line = (json.dumps(info) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)  # one write per line: readers never see half a line
-        finally:
-            os.close(fd)
-
-    def _write(self, info: dict[str, Any]) -> None:
-        self.append(info)
-        self.last.update({k: v for k, v in info.items() if v is not None})
-        self.manager.write_status(self.run_id, **self.position(info), total_iterations=info["total_iterations"],
-                                  eta_seconds=self.eta(info), last_metrics=self.last)
-
-    def position(self, info: dict[str, Any]) -> dict[str, Any]:
-        """Where the run is: stage, iteration, and progress over every stage being trained."""
-        done = self.offset + info["iteration"]
-        return {"stage": info["stage"], "iteration": info["iteration"], "progress": round(100 * done / self.total, 2)}
-
-    def eta(self, info: dict[str, Any]) -> Optional[float]:
-        """Seconds until the run ends: the stage's own ETA, plus the later stages' iterations at
-        this stage's pace (metrics.jsonl keeps the stage's ETA)."""
-        eta = info.get("eta")
-        if eta is None:
-            return None
-        left = info["total_iterations"] - info["iteration"]
-        if left > 0:
-            self.pace = eta / left
-        later = self.total - self.offset - info["total_iterations"]
-        return round(eta + later * self.pace, 1)
-
-    on_train_loss_report = _write
-    on_val_loss_report = _write
-
-    def on_first_step(self, info: dict[str, Any]) -> None:
-        """The first iteration's pace: an ETA for the whole run right after it starts."""
-        self.manager.write_status(self.run_id, **self.position(info), total_iterations=info["total_iterations"],
-                                  eta_seconds=self.eta(info))
-
-    def on_checkpoint(self, info: dict[str, Any]) -> None:
-        """A checkpoint is where a resume starts: the status says that iteration (a cancel
-        between reports would otherwise show an older one than the checkpoint it kept)."""
-        self.manager.write_status(self.run_id, **self.position(info), last_checkpoint=info["iteration"])
-
-
-class Progress(TrainingCallback):
-    """A progress bar on a terminal, log lines otherwise."""
-
-    def __init__(self, stage: int, quiet: bool):
-        self.stage, self.quiet = stage, quiet
-        self.tty = sys.stderr.isatty()
-
-    def on_train_loss_report(self, info: dict[str, Any]) -> None:
-        if self.quiet:
-            return
-        done, total = info["iteration"], info["total_iterations"]
-        filled = int(30 * done / total)
-        eta = time.strftime("%H:%M:%S", time.gmtime(info["eta"] or 0))
-        line = (f"stage {self.stage} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} "
-                f"loss {info['train_loss']:.4f} lr {info['learning_rate']:.2e} "
-                f"{info['tokens_per_second']:.0f} tok/s eta {eta}")
-        print(("\r" + line) if self.tty else line, end="" if self.tty and done < total else "\n", file=sys.stderr)
-
-    def on_val_loss_report(self, info: dict[str, Any]) -> None:
-        if not self.quiet:
-            log.info("stage %s iteration %s: validation loss %.4f", self.stage, info["iteration"], info["val_loss"])
-
-
-class EmissionsProbe(TrainingCallback):
-    """At each validation report: the emissions so far into status.json (and the stage's CSV),
-    with the config's alert thresholds checked."""
-
-    def __init__(self, manager: RunManager, run_id: str, tracker: StageEmissions, earlier_kg: float):
-        self.manager, self.run_id, self.tracker, self.earlier_kg = manager, run_id, tracker, earlier_kg
-
-    def on_val_loss_report(self, info: dict[str, Any]) -> None:
-        so_far = self.tracker.flush()
-        if so_far is not None:
-            total = self.earlier_kg + so_far
-            hours = max(info.get("elapsed") or 0, 1e-9) / 3600
-            self.manager.write_status(self.run_id, emissions_kg=total, emissions_alerts=emissions.alerts_of(
-                total, so_far / hours, self.tracker.config))
 
 
 def train_run(config: FineTuningConfig, run_id: str, stage: Optional[int] = None, resume: bool = False,
@@ -293,8 +129,8 @@ def check_request(manager: RunManager, run_id: str, config: FineTuningConfig, ba
                                                          "(start_training with stage=1)"))
     for number in stages:
         distributed.check_batch(world, number, config.training.stage(number).batch_size)
-    if backend[0] == "transformers" and config.base_model.quantization != "none" and not _cuda():
-        from trainer.transformers_trainer import quantization_error
+    if backend[0] == "transformers" and config.base_model.quantization != "none" and not cuda_available():
+        from trainer.engines.transformers_trainer import quantization_error
 
         raise quantization_error(config.base_model.quantization)
     return stages

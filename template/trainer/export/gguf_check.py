@@ -65,7 +65,7 @@ def reference(model_dir: Path, tokenizer: Any, prompt_ids: list[int], max_tokens
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainer.base_trainer import end_of_turn_ids  # here: the child process runs without the project
+    from trainer.engines.base_trainer import end_of_turn_ids  # here: the child process runs without the project
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     model.eval()

@@ -3,7 +3,7 @@ with either engine (mlx, falling back to transformers, or the one asked for), an
 prompt or a conversation through the model's chat template.
 
 The adapter is used in the format of the engine that loads it: a run trained with the other
-engine has its adapter converted first (trainer.adapters, exact up to float rounding).
+engine has its adapter converted first (trainer.models.adapters, exact up to float rounding).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer import guard
-from trainer.base_trainer import Backend
 from trainer.config import FineTuningConfig
+from trainer.engines.backends import engines
+from trainer.engines.base_trainer import Backend
 from trainer.errors import ProjectError, advice
-from trainer.evaluation import load_inference
-from trainer.export_engines import adapter_as
-from trainer.pipeline import engines
-from trainer.training_run_manager import RunError, RunManager
+from trainer.evaluate.evaluation import load_inference
+from trainer.models.merge import adapter_as
+from trainer.runs.training_run_manager import RunError, RunManager
 
 MAX_TOKENS_LIMIT = 4096
 

@@ -11,13 +11,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer import guard, tiny_model
+from trainer import guard
 from trainer.config import DEFAULT_CONFIG, FineTuningConfig
 from trainer.config_file import set_value
-from trainer.dataset_preparator import DatasetError, collect, find_inputs
+from trainer.data.dataset_preparator import DatasetError, collect, find_inputs
 from trainer.errors import ProjectError
 from trainer.files import TEMP_PREFIX
-from trainer.model_config import write_mlx_fields
+from trainer.models import checks, tiny_model
+from trainer.models.model_config import write_mlx_fields
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -148,7 +149,7 @@ def _verify(folder: Path, source: Path | str) -> dict[str, Any]:
     a model that fails this is not set as the base."""
     try:
         half = _dtype(folder) in ("float16", "bfloat16")
-        return tiny_model.check(folder, relative=5e-2 if half else 1e-3)
+        return checks.check(folder, relative=5e-2 if half else 1e-3)
     except tiny_model.TinyModelError as error:
         raise ProjectError(f"the model from {source} does not load the same in both engines: {error}; "
                            "nothing was changed") from None

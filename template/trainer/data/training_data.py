@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from trainer.data.weighting import weight
 from trainer.errors import ProjectError, advice
-from trainer.weighting import weight
 
 
 class DataError(ProjectError):
@@ -107,7 +107,7 @@ def tokenize(records: list[dict[str, Any]], tokenizer, max_seq_length: int, mask
 
 
 def quality_weights(quality: list[Optional[float]], multiplier: float, threshold: float, enabled: bool) -> np.ndarray:
-    """Sampling weight per row (see trainer.weighting)."""
+    """Sampling weight per row (see trainer.data.weighting)."""
     return np.array([weight(q, multiplier, threshold, enabled) for q in quality], dtype=np.float64)
 
 

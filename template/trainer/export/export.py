@@ -14,47 +14,18 @@ complete, so a failed export leaves nothing behind and an existing one is replac
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer import export_target, gguf_check, gguf_export, hub, model_card
-from trainer.config import ARCHITECTURES, EXPORT_FORMATS, FineTuningConfig
-from trainer.export_engines import ExportError, adapter_into, fuse_mlx, merge_hf, model_type
+from trainer.config import EXPORT_FORMATS, FineTuningConfig
+from trainer.export import export_target, gguf_check, gguf_export, hub, model_card
 from trainer.files import TEMP_PREFIX, write_atomic
-from trainer.training_run_manager import RunError, RunManager, now
+from trainer.models.merge import ExportError, adapter_into, fuse_mlx, merge_hf, model_type
+from trainer.runs.training_run_manager import RunError, RunManager, now
 
 QUANTIZATIONS = {"gguf": gguf_export.QUANTIZATIONS, "mlx": ("none", "q4", "q8")}
-
-
-def architecture(config: FineTuningConfig) -> Optional[str]:
-    """The base model's Hugging Face model_type: from a local model's config.json, else the
-    family's (None for a custom model that is not on disk)."""
-    source = Path(config.model_source())
-    if (source / "config.json").is_file():
-        return json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
-    return ARCHITECTURES.get(config.base_model.type) if config.base_model.type != "custom" else None
-
-
-def check_planned(config: FineTuningConfig) -> None:
-    """At configure time: refuse a run whose planned export formats its architecture cannot take."""
-    if "gguf" in config.export.formats:
-        arch = architecture(config)
-        if arch is not None and arch not in gguf_export.SUPPORTED:
-            raise ExportError(
-                f"export.formats includes gguf, and GGUF export does not support the base model's '{arch}' "
-                f"architecture (supported: {', '.join(sorted(gguf_export.SUPPORTED))}); remove gguf from "
-                "export.formats or choose another base model", details={"architecture": arch,
-                                                                        "supported": sorted(gguf_export.SUPPORTED)})
-        source = Path(config.model_source())
-        if (source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file():
-            try:
-                gguf_export.tokenizer_pre(source)
-            except gguf_export.GGUFError as error:
-                raise ExportError(f"export.formats includes gguf, and the base model's tokenizer cannot be "
-                                  f"exported: {error}; remove gguf from export.formats") from None
 
 
 def usage(fmt: str, path: Path, merged: bool, base: str, gguf_file: Optional[str] = None) -> str:
@@ -147,7 +118,7 @@ def _build(fmt: str, merge: bool, quantization: str, source: str, adapter: Path,
 
 
 def _check_in_llama_cpp(file: Path, merged: Path) -> dict[str, Any]:
-    """The GGUF answers in llama.cpp as the merged model does in transformers (trainer/gguf_check.py);
+    """The GGUF answers in llama.cpp as the merged model does in transformers (trainer/export/gguf_check.py);
     a file llama.cpp rejects fails the export, a crash of llama.cpp itself is reported."""
     try:
         return gguf_check.verify(file, merged)

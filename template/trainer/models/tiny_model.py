@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from trainer.errors import ProjectError
-from trainer.model_config import mlx_overrides
+from trainer.models.checks import check
 
 # The Hugging Face architectures a tiny model can be built for (those of trainer.config.ARCHITECTURES).
 ARCHITECTURES = ("llama", "olmo2", "mistral")
@@ -136,37 +136,3 @@ def build(
         summary["verified"] = check(output)
     (output / "tiny_model.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
-
-
-def check(path: Path, relative: Optional[float] = None) -> dict[str, Any]:
-    """Load the model with transformers and, if installed, mlx-lm; compare their logits: at most
-    1e-3 apart, or `relative` times the largest logit (half-precision weights round more)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}],
-                                           add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        reference = model(torch.tensor([ids])).logits.float().numpy()
-    result: dict[str, Any] = {"transformers": True, "prompt_tokens": len(ids)}
-    try:
-        import mlx.core as mx
-        import mlx_lm
-        import numpy as np
-    except ImportError:
-        result["mlx"] = "skipped (mlx-lm not installed)"
-        return result
-    mlx_model, _ = mlx_lm.load(str(path), model_config=mlx_overrides(path))
-    logits = np.array(mlx_model(mx.array([ids])).astype(mx.float32))
-    difference = float(np.abs(logits - reference).max())
-    limit = 1e-3 if relative is None else relative * max(1.0, float(np.abs(reference).max()))
-    same_next = bool((logits[0].argmax(-1) == reference[0].argmax(-1)).mean() == 1.0)
-    result.update({"mlx": True, "max_logit_difference": difference, "tolerance": limit,
-                   "same_greedy_tokens": same_next})
-    if difference > limit:
-        raise TinyModelError(f"mlx-lm and transformers disagree on {path}: max logit difference {difference:g} "
-                             f"(tolerance {limit:g})")
-    return result

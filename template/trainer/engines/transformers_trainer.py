@@ -29,10 +29,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.base_trainer import Backend, TrainingError, process_peak_memory_gb
 from trainer.config import LoraSection, TrainingSection
-from trainer.distributed import TorchWorld, World
-from trainer.training_data import Batch
+from trainer.data.training_data import Batch
+from trainer.engines.base_trainer import Backend, TrainingError, process_peak_memory_gb
+from trainer.engines.distributed import TorchWorld, World
 
 
 def quantization_error(quantization: str) -> TrainingError:

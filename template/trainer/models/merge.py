@@ -1,7 +1,7 @@
 """The engine work of an export: merging an adapter into the base model with transformers +
 peft (a Hugging Face model directory), and fusing it with mlx-lm (an MLX model directory,
 optionally quantized). Either engine takes an adapter trained by either backend: it is
-converted first (trainer.adapters), so the merged weights are the same update.
+converted first (trainer.models.adapters), so the merged weights are the same update.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from trainer import adapters
 from trainer.errors import ProjectError
-from trainer.model_config import mlx_overrides, write_mlx_fields
+from trainer.models import adapters
+from trainer.models.model_config import mlx_overrides, write_mlx_fields
 
 MLX_BITS = {"q4": 4, "q8": 8}
 

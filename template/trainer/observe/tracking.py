@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.base_trainer import TrainingCallback
 from trainer.config import FineTuningConfig
+from trainer.observe.callbacks import TrainingCallback
 
 log = logging.getLogger("trainer")
 STEP_KEYS = ("train_loss", "val_loss", "learning_rate", "tokens_per_second", "peak_memory_gb")

@@ -19,54 +19,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from trainer.errors import ProjectError
+from trainer.models.gguf_support import SUPPORTED, GGUFError, tokenizer_pre, unsupported
 
-# Hugging Face model_type -> llama.cpp architecture (verified by loading in llama.cpp)
-SUPPORTED = {"llama": "llama", "mistral": "llama", "olmo2": "olmo2"}
 QUANTIZATIONS = ("f32", "f16", "q8_0")
 PERMUTED = {"llama"}  # HF's rotate-half q/k layout is permuted to llama.cpp's interleaved rope
-# cl100k's split regex, used by Llama 3 and OLMo 2 (llama.cpp: llama-bpe with ignore_merges, else dbrx)
-CL100K = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-class GGUFError(ProjectError):
-    kind = "export_error"
-
-
-def unsupported(model_type: str) -> GGUFError:
-    return GGUFError(f"GGUF export does not support the '{model_type}' architecture; supported: "
-                     f"{', '.join(sorted(SUPPORTED))}. Export 'huggingface' or 'mlx' instead",
-                     details={"architecture": model_type, "supported": sorted(SUPPORTED)})
-
-
 def check(model_type: str, quantization: str = "f16") -> None:
     if model_type not in SUPPORTED:
         raise unsupported(model_type)
     if quantization not in QUANTIZATIONS:
         raise GGUFError(f"GGUF quantization '{quantization}' is not supported; use one of {', '.join(QUANTIZATIONS)}")
-
-
-def tokenizer_pre(model_dir: Path) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer; "default" for a SentencePiece model
-    (tokenizer.model, as Mistral and Llama 2 ship)."""
-    if (model_dir / "tokenizer.model").is_file():
-        return "default"
-    data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    model, pre = data.get("model", {}), data.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise GGUFError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, OLMo 2 style) and "
-                        f"SentencePiece models (tokenizer.model); {model_dir / 'tokenizer.json'} has a "
-                        f"{model.get('type')} model" + (" with byte fallback, and there is no tokenizer.model"
-                                                       if model.get("byte_fallback") else ""))
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [step.get("type") for step in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds[:1] == ["Split"] and steps[0].get("pattern", {}).get("Regex") == CL100K:
-        return "llama-bpe" if model.get("ignore_merges") else "dbrx"
-    raise GGUFError(f"the tokenizer's pre-tokenizer ({kinds}) has no llama.cpp equivalent this exporter knows; "
-                    "known: GPT-2 byte-level, the cl100k split of Llama 3 and OLMo 2, and SentencePiece")
 
 
 def _added_tokens(model_dir: Path) -> dict[int, tuple[str, bool]]:

@@ -26,12 +26,12 @@ from mlx_lm import load as mlx_load
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from trainer.base_trainer import Backend, TrainingError, process_peak_memory_gb
 from trainer.config import LoraSection, TrainingSection
-from trainer.distributed import MLXWorld, World
+from trainer.data.training_data import Batch
+from trainer.engines.base_trainer import Backend, TrainingError, process_peak_memory_gb
+from trainer.engines.distributed import MLXWorld, World
 from trainer.files import TEMP_PREFIX
-from trainer.model_config import mlx_overrides
-from trainer.training_data import Batch
+from trainer.models.model_config import mlx_overrides
 
 QUANT_BITS = {"q4": 4, "q8": 8}
 

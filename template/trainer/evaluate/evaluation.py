@@ -17,13 +17,14 @@ import string
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from trainer.base_trainer import Backend
 from trainer.config import FineTuningConfig
+from trainer.data.training_data import eval_batches, messages_of, read_records, tokenize
+from trainer.engines.backends import make_backend
+from trainer.engines.base_trainer import Backend
 from trainer.errors import ProjectError, advice
 from trainer.files import sha256_file, write_atomic, write_json
-from trainer.tracking import log_evaluation
-from trainer.training_data import eval_batches, messages_of, read_records, tokenize
-from trainer.training_run_manager import RunError, RunManager, now
+from trainer.observe.tracking import log_evaluation
+from trainer.runs.training_run_manager import RunError, RunManager, now
 
 PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -92,8 +93,6 @@ def load_inference(config: FineTuningConfig, backend_name: str, adapter: Optiona
                    source: Optional[str] = None) -> Backend:
     """A model ready to evaluate or answer: the base (or `source`, an exported model, which is
     loaded as saved) with `adapter` (in the engine's format) if given, in inference mode."""
-    from trainer.pipeline import make_backend
-
     backend = make_backend(backend_name, seed)
     quantization = config.base_model.quantization if source is None else "none"
     backend.load(source or config.model_source(), quantization, config.root / "models" / "quantized")

@@ -14,310 +14,36 @@ so that a run over both stages writes nothing unless both validate.
 
 from __future__ import annotations
 
-import csv
-import glob
 import hashlib
-import io
 import json
 import math
 import random
 import statistics
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer import guard, weighting
+from trainer import guard
 from trainer.config import DatasetSection, FineTuningConfig
-from trainer.errors import ProjectError, advice
+from trainer.data import weighting
+from trainer.data.readers import (  # noqa: F401  (the data room's front: re-exported for callers)
+    FORMATS,
+    DatasetError,
+    RowError,
+    columns_of,
+    file_format,
+    find_inputs,
+    read_rows,
+    shown,
+)
+from trainer.data.records import Example, Rejected, to_example, to_record  # noqa: F401
+from trainer.errors import advice
 from trainer.files import sha256_file, write_atomic
 
 SPLITS = ("train", "valid", "test")
-FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-ROLES = {"system", "user", "assistant"}
 MAX_LISTED_ERRORS = 1000
-
-
-class DatasetError(ProjectError):
-    kind = "dataset_error"
-
-
-@dataclass(frozen=True)
-class RowError:
-    file: str
-    line: int  # 1-based line (jsonl, csv) or row (parquet); 0 = the whole file
-    field: Optional[str]
-    reason: str
-    unit: str = "line"
-
-    def __str__(self) -> str:
-        where = f"{self.file}" if self.line == 0 else f"{self.file}, {self.unit} {self.line}"
-        what = f"field '{self.field}': " if self.field else ""
-        return f"{where}: {what}{self.reason}"
-
-
-@dataclass
-class Example:
-    messages: list[dict[str, str]]
-    source: str
-    quality: Optional[float] = None
-    metadata: Optional[dict[str, Any]] = None
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.messages, sort_keys=True).encode()).hexdigest()
-
-    def prompt_text(self) -> str:
-        return "\n".join(m["content"] for m in self.messages if m["role"] != "assistant")
-
-    def completion_text(self) -> str:
-        return "\n".join(m["content"] for m in self.messages if m["role"] == "assistant")
-
-
-@dataclass
-class Rejected(Exception):
-    """Raised while mapping a row; becomes a RowError with the row's location."""
-
-    field: Optional[str]
-    reason: str
-
-
-# ----------------------------------------------------------------- reading
-
-
-def find_inputs(dataset: DatasetSection, root: Path, stage: int = 1) -> list[Path]:
-    """The raw files of a stage (dataset.raw_files, or stage2_raw_files), sorted, each once."""
-    patterns = dataset.raw_files if stage == 1 else dataset.stage2_raw_files
-    key = "raw_files" if stage == 1 else "stage2_raw_files"
-    found: dict[Path, None] = {}
-    for pattern in patterns:
-        full = Path(pattern).expanduser()
-        full = full if full.is_absolute() else root / full
-        for match in sorted(glob.glob(str(full))):
-            path = Path(match)
-            if path.is_file():  # a link in data/raw to a file outside the roots is refused
-                found.setdefault(guard.check_path(path, f"dataset.{key}: {match}"), None)
-    if not found:
-        where = "data/raw/" if stage == 1 else "data/raw/stage2/"
-        raise DatasetError(
-            f"no raw data files match dataset.{key} {patterns} (relative to {root}); "
-            + advice(f"put {dataset.format} files in {where} or pass --input",
-                     f"put data files in {where} or pass input_files to prepare_dataset"),
-            details={"patterns": patterns, "stage": stage},
-        )
-    return list(found)
-
-
-def file_format(path: Path, default: str) -> str:
-    return FORMATS.get(path.suffix.lower(), default)
-
-
-BOM = b"\xef\xbb\xbf"  # spreadsheets save "CSV UTF-8" with it; some editors put it in JSONL too
-
-
-def _not_utf8(raw: bytes, error: UnicodeDecodeError, start: int) -> str:
-    """Why `raw` (read from byte offset `start` of its file) is refused."""
-    return (f"not UTF-8 text (byte {raw[error.start:error.start + 1]!r} at byte offset {start + error.start} "
-            "of the file); save it as UTF-8")
-
-
-# Long documents in one cell are fine up to this (the csv module's default is 128 KiB).
-csv.field_size_limit(max(csv.field_size_limit(), 16 << 20))
-
-
-def _csv_text(path: Path, name: str) -> str:
-    """The whole CSV as text (BOM dropped); bytes that are not UTF-8 are an error naming the line."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise DatasetError(f"{name}, line {line}: {_not_utf8(raw, error, 0)}") from None
-
-
-def _parquet(path: Path, name: str, schema_only: bool = False):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as error:
-        raise DatasetError(f"{name}: reading parquet needs pyarrow (pip install pyarrow)") from error
-    try:
-        return pq.read_schema(path) if schema_only else pq.read_table(path)
-    except (OSError, ValueError) as error:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
-        raise DatasetError(f"{name}: not a readable parquet file ({error})") from None
-
-
-def read_rows(path: Path, fmt: str, name: str) -> Iterator[tuple[int, Any]]:
-    """(line or row number, raw row) pairs; a row that cannot be parsed is a RowError."""
-    if fmt == "jsonl":
-        offset = 0
-        with path.open("rb") as handle:
-            for number, raw in enumerate(handle, 1):
-                start, offset = offset, offset + len(raw)
-                if number == 1 and raw.startswith(BOM):
-                    raw, start = raw[len(BOM):], start + len(BOM)
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    yield number, RowError(name, number, None, _not_utf8(raw, error, start))
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as error:
-                    yield number, RowError(name, number, None, f"malformed JSON ({error.msg} at column {error.colno})")
-    elif fmt == "csv":
-        reader = csv.DictReader(io.StringIO(_csv_text(path, name), newline=""))
-        start = 2
-        try:
-            for row in reader:
-                if None in row:
-                    columns = len(reader.fieldnames or [])
-                    yield start, RowError(name, start, None, f"row has more cells than the header's {columns} columns")
-                else:
-                    yield start, row
-                start = reader.line_num + 1
-        except csv.Error as error:  # a field over the size limit
-            raise DatasetError(f"{name}, line {start}: not readable as CSV ({error})") from None
-    elif fmt == "parquet":
-        for number, row in enumerate(_parquet(path, name).to_pylist(), 1):
-            yield number, row
-    else:
-        raise DatasetError(f"{name}: unsupported format '{fmt}' (supported: jsonl, csv, parquet)")
-
-
-def columns_of(path: Path, fmt: str, name: str) -> Optional[list[str]]:
-    """The header of a csv or the schema of a parquet file (None for jsonl)."""
-    if fmt == "csv":
-        try:
-            return next(csv.reader(io.StringIO(_csv_text(path, name), newline="")), [])
-        except csv.Error as error:
-            raise DatasetError(f"{name}, line 1: not readable as CSV ({error})") from None
-    if fmt == "parquet":
-        return list(_parquet(path, name, schema_only=True).names)
-    return None
-
-
-# ----------------------------------------------------------------- mapping
-
-
-def shown(value: Any, limit: int = 60) -> str:
-    """A value quoted in an error: its repr, cut short (rows can hold megabytes)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _text(row: dict[str, Any], name: str, required: bool) -> Optional[str]:
-    value = row.get(name)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        if required:
-            raise Rejected(name, "missing field" if name not in row else "value is empty")
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise Rejected(name, f"must be text, got {type(value).__name__}")
-    text = str(value)
-    if not text.strip():
-        if required:
-            raise Rejected(name, "value is empty")
-        return None
-    return text
-
-
-def _quality(row: dict[str, Any], name: str) -> Optional[float]:
-    value = row.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, bool):
-        raise Rejected(name, f"non-numeric quality score {shown(value)}")
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise Rejected(name, f"non-numeric quality score {shown(value)}") from None
-    if not math.isfinite(score):
-        raise Rejected(name, f"quality score must be a finite number, got {shown(value)}")
-    if not 0 <= score <= 1:
-        raise Rejected(name, f"quality score must be in [0, 1], got {score:g}")
-    return score
-
-
-def _metadata(row: dict[str, Any], name: str) -> Optional[dict[str, Any]]:
-    value = row.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise Rejected(name, "metadata text is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise Rejected(name, f"metadata must be an object, got {type(value).__name__}")
-    return value
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise Rejected("messages", "must be a non-empty list of {role, content} objects")
-    messages = []
-    for index, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise Rejected("messages", f"message {index} is not an object")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise Rejected("messages", f"message {index} has role {shown(role)}; allowed: assistant, system, user")
-        if not isinstance(content, str) or not content.strip():
-            raise Rejected("messages", f"message {index} ({role}) has empty or non-text content")
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "assistant":
-        raise Rejected("messages", "the last message must be the assistant's answer")
-    if not any(m["role"] == "user" for m in messages):
-        raise Rejected("messages", "there is no user message")
-    return messages
-
-
-def to_example(row: Any, dataset: DatasetSection, source: str) -> Example:
-    """Map one raw row to an Example, or raise Rejected naming the bad field."""
-    if not isinstance(row, dict):
-        raise Rejected(None, f"row must be an object, got {type(row).__name__}")
-    if dataset.instruction_field not in row and "messages" in row:
-        messages = _messages(row["messages"])
-    elif "prompt" in row and "completion" in row and dataset.output_field not in row:
-        messages = [{"role": "user", "content": _text(row, "prompt", True)},
-                    {"role": "assistant", "content": _text(row, "completion", True)}]
-    else:
-        instruction = _text(row, dataset.instruction_field, True)
-        extra = _text(row, dataset.input_field, False) if dataset.input_field else None
-        system = _text(row, dataset.system_field, False) if dataset.system_field else None
-        output = _text(row, dataset.output_field, True)
-        user = f"{instruction}\n\n{extra}" if extra else instruction
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": output},
-        ]
-    quality = _quality(row, dataset.quality_field) if dataset.quality_field else None
-    metadata = _metadata(row, dataset.metadata_field) if dataset.metadata_field else None
-    return Example(messages=messages, source=source, quality=quality, metadata=metadata)
-
-
-def to_record(example: Example, record_format: str) -> dict[str, Any]:
-    """The processed JSONL record: mlx-lm's chat or completions format plus our extras."""
-    if record_format == "chat":
-        record: dict[str, Any] = {"messages": example.messages}
-    else:
-        turns = [m for m in example.messages if m["role"] != "system"]
-        if len(turns) != 2:
-            raise Rejected("messages", "a multi-turn conversation cannot be a completion record; "
-                                       "use record_format: chat")
-        record = {"prompt": turns[0]["content"], "completion": turns[1]["content"]}
-        system = [m["content"] for m in example.messages if m["role"] == "system"]
-        if system:
-            record["system"] = system[0]
-    if example.quality is not None:
-        record["quality"] = example.quality
-    if example.metadata is not None:
-        record["metadata"] = example.metadata
-    record["source"] = example.source
-    return record
 
 
 # ----------------------------------------------------------------- splitting and writing

@@ -1,7 +1,7 @@
 """The backend interface and the one training loop both engines run.
 
 The loop owns everything that must mean the same on mlx and transformers: which rows
-form each batch (trainer.training_data.Sampler), the learning-rate schedule, gradient
+form each batch (trainer.data.training_data.Sampler), the learning-rate schedule, gradient
 accumulation, when to report, evaluate and checkpoint, stopping on a non-finite loss,
 and saving a checkpoint on SIGTERM. A backend only computes losses and gradients,
 applies updates, and saves/restores its own weights and optimizer state.
@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trainer.config import LoraSection, TrainingSection
-from trainer.distributed import World
+from trainer.data.training_data import Batch, Sampler, TokenizedSet, collate, eval_rows
+from trainer.engines.distributed import World
 from trainer.errors import ProjectError, advice
 from trainer.files import TEMP_PREFIX, read_json, sha256_file, write_json
-from trainer.training_data import Batch, Sampler, TokenizedSet, collate, eval_rows
+from trainer.observe.callbacks import TrainingCallback
 
 CHECKPOINT_PREFIX = "iter-"
 KEEP_CHECKPOINTS = 2
@@ -56,22 +57,6 @@ class NonFiniteLoss(TrainingError):
 
 class Cancelled(TrainingError):
     kind = "cancelled"
-
-
-class TrainingCallback:
-    """Hooks in the style of mlx-lm's tuner callbacks; `info` is one metrics record."""
-
-    def on_train_loss_report(self, info: dict[str, Any]) -> None:
-        pass
-
-    def on_val_loss_report(self, info: dict[str, Any]) -> None:
-        pass
-
-    def on_checkpoint(self, info: dict[str, Any]) -> None:
-        pass
-
-    def on_first_step(self, info: dict[str, Any]) -> None:
-        """After the stage's first iteration: its pace (info["eta"]) before any report."""
 
 
 class Backend(ABC):

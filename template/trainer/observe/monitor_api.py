@@ -18,9 +18,9 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query
 
-from trainer import emissions
 from trainer.config import FineTuningConfig
-from trainer.training_run_manager import RunError, RunManager
+from trainer.observe import emissions
+from trainer.runs.training_run_manager import RunError, RunManager
 
 
 def create_app(config: FineTuningConfig) -> FastAPI:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer.errors import ProjectError
-from trainer.export_target import MARKER
+from trainer.export.export_target import MARKER
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")

@@ -31,9 +31,10 @@ import yaml
 
 from trainer import guard
 from trainer.config import FineTuningConfig, load_config
+from trainer.data.training_data import DataError, read_records
 from trainer.errors import ProjectError, advice
 from trainer.files import clean_temporaries, read_json, sha256_file, write_json
-from trainer.training_data import DataError, read_records
+from trainer.models.gguf_support import check_planned
 
 SCHEMA_VERSION = "2.0"
 STATUSES = ("not_started", "running", "completed", "failed", "cancelled")
@@ -89,8 +90,6 @@ class RunManager:
             raise RunError(f"data given for stage(s) {unknown}, "
                            f"but training.num_stages is {config.training.num_stages}")
         checked = {stage: self._check_data(stage, files) for stage, files in data.items()}
-        from trainer.export import check_planned  # here: trainer.export imports this module
-
         check_planned(config)
 
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trainer.config import FineTuningConfig
+from trainer.runs.training_run_manager import RunManager, lock_held
 
 log = logging.getLogger("trainer")
 START_TIMEOUT = 60.0  # seconds; a tracker that cannot start by then is given up
@@ -36,8 +37,6 @@ def tracking_mode(config: FineTuningConfig, run_id: str) -> tuple[str, Optional[
     process, so while another run of this project trains it would count that run's work too."""
     if config.carbon_tracking.tracking_mode != "machine":
         return config.carbon_tracking.tracking_mode, None
-    from trainer.training_run_manager import RunManager, lock_held
-
     manager = RunManager(config)
     others = [r["run_id"] for r in manager.list_runs()
               if r["run_id"] != run_id and lock_held(manager.runs_dir / r["run_id"] / ".lock")]
@@ -327,8 +326,6 @@ def aggregate(config: FineTuningConfig, summaries: list[dict[str, Any]]) -> dict
 
 def report(config: FineTuningConfig, run_id: Optional[str] = None) -> dict[str, Any]:
     """One run's summary, or the aggregate of every run of the project."""
-    from trainer.training_run_manager import RunManager
-
     manager = RunManager(config)
 
     def stages_of(run: str) -> list[int]:

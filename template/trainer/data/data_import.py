@@ -17,7 +17,7 @@ from typing import Any
 
 from trainer import guard
 from trainer.config import FineTuningConfig
-from trainer.dataset_preparator import FORMATS, DatasetError, plan
+from trainer.data.dataset_preparator import FORMATS, DatasetError, plan
 from trainer.errors import ProjectError
 from trainer.files import TEMP_PREFIX
 

@@ -1,0 +1,115 @@
+"""The trainer package's layout holds: each room imports only the ground floor and the rooms
+before it (lazy imports inside functions included), no modules import each other in a circle,
+and every module stays small enough to read in one sitting."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+TRAINER = Path(__file__).resolve().parents[1] / "trainer"
+# The order of the rooms (trainer/__init__.py): a room may import only those before it.
+ROOMS = ["data", "models", "runs", "observe", "engines", "evaluate", "export"]
+MAX_LINES = 425
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(TRAINER.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def rank(module: str) -> int:
+    """0 for the ground floor (trainer.config, trainer.errors...), then the rooms in order."""
+    parts = module.split(".")
+    return ROOMS.index(parts[1]) + 1 if len(parts) > 1 and parts[1] in ROOMS else 0
+
+
+def imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported trainer module, at module level?) for every import in the file."""
+    found = []
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "trainer":
+            for alias in node.names:  # `from trainer.data import weighting` imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.append((sub if modules().get(sub) else node.module, id(node) in top))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, id(node) in top) for a in node.names if a.name.split(".")[0] == "trainer"]
+    return found
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in TRAINER.rglob("*.py")}
+
+
+def test_every_module_belongs_to_a_room_or_the_ground_floor():
+    rooms = {p.name for p in TRAINER.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert rooms == set(ROOMS), "a new folder in trainer/ needs its place in the rooms' order"
+    for room in ROOMS:
+        assert (TRAINER / room / "__init__.py").read_text().strip().startswith('"""'), f"{room}/ says what it holds"
+
+
+def test_no_room_imports_a_later_one():
+    wrong = [f"{name} imports {target}" for name, path in modules().items() for target, _ in imports(path)
+             if rank(target) > rank(name)]
+    assert wrong == []
+
+
+def test_no_import_circles():
+    graph = {name: {t for t, top in imports(path) if top and t != name} for name, path in modules().items()}
+    circles = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        if node in trail:
+            circles.append(trail[trail.index(node):] + [node])
+            return
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in graph:
+                visit(nxt, trail + [node])
+
+    for start in graph:
+        visit(start, [])
+    assert circles == []
+
+
+def test_modules_stay_small():
+    large = {name: n for name, path in modules().items()
+             if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert large == {}
+
+
+def test_the_check_sees_a_violation(tmp_path, monkeypatch):
+    """The checks above can fail: a data module importing the engines is caught."""
+    fake = tmp_path / "trainer"
+    (fake / "data").mkdir(parents=True)
+    (fake / "engines").mkdir()
+    (fake / "data" / "rows.py").write_text("def f():\n    from trainer.engines.loop import run\n")
+    (fake / "engines" / "loop.py").write_text("from trainer.data import rows\n")
+    monkeypatch.setattr(__import__(__name__), "TRAINER", fake)
+    wrong = [f"{name} imports {target}" for name, path in modules().items() for target, _ in imports(path)
+             if rank(target) > rank(name)]
+    assert wrong == ["trainer.data.rows imports trainer.engines.loop"]
+
+
+def test_git_keeps_every_module(tmp_path):
+    """The project's .gitignore keeps its artefact folders (models/, runs/...) out of git, and
+    not the rooms of the same name inside trainer/."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        import pytest
+
+        pytest.skip("git is not installed")
+    project = TRAINER.parent
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    shutil.copy(project / ".gitignore", tmp_path / ".gitignore")
+    files = [str(p.relative_to(project)) for p in TRAINER.rglob("*.py")]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=tmp_path, text=True,
+                             input="\n".join(files), capture_output=True).stdout.split()
+    assert ignored == [] and len(files) > 30
+    # the artefacts still are ignored
+    probe = "models/tiny-llama/model.safetensors\nruns/r1/metrics.jsonl\n"
+    assert subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=tmp_path, text=True, input=probe,
+                          capture_output=True).stdout.split() == probe.split()
