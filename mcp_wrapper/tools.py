@@ -128,7 +128,7 @@ class Tools(RunTools, JobTools):
             template_version=recorded.get("_commit"),
             project_structure=ProjectStructure(
                 config_file=str(project / "config" / "fine_tuning_config.yaml"),
-                trainer_modules=sorted(str(p) for p in (project / "trainer").glob("*.py")),
+                trainer_modules=sorted(str(p) for p in (project / "trainer").rglob("*.py")),
                 scripts=sorted(str(p) for p in (project / "scripts").glob("*.py")),
                 requirements_file=str(project / "requirements.txt"),
             ),

@@ -233,7 +233,8 @@ def test_a_crash_of_llama_cpp_is_reported_not_shared(project, runs):
 
     broken = file.parent.parent / "broken.gguf"
     broken.write_bytes(file.read_bytes()[:4096])  # a truncated file: llama.cpp refuses it, no crash
-    out = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from trainer.export import gguf_check\n"
+    out = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path\n"
+                          "from trainer.export import gguf_check\n"
                           "try:\n gguf_check.verify(Path(sys.argv[1]), Path(sys.argv[2]))\n"
                           "except gguf_check.LoaderError as e: print('refused:', e)", str(broken), str(merged)],
                          cwd=project, capture_output=True, text=True)

@@ -47,19 +47,20 @@ def release_v020(src: Path) -> None:
     """v0.2.0: training.save_steps becomes training.checkpoint_steps, with a migration."""
     replace(src / "template" / "config" / "fine_tuning_config.yaml.jinja",
             "  save_steps: {{ save_steps }}", "  checkpoint_steps: {{ save_steps }}")
-    for code in (src / "template" / "trainer").glob("*.py"):  # the code reads the new name
+    for code in (src / "template" / "trainer").rglob("*.py"):  # the code reads the new name
         code.write_text(code.read_text().replace("save_steps", "checkpoint_steps"))
     replace(src / "template" / ".env.example.jinja",
             "# OLMO_TRAINING__SAVE_STEPS=", "# OLMO_TRAINING__CHECKPOINT_STEPS=")
     replace(src / "template" / "README.md.jinja", "## Layout\n", "## Layout (v0.2.0)\n")
-    replace(src / "copier.yml", "_migrations: []", """_migrations:
+    replace(src / "copier.yml", "_migrations:\n", """_migrations:
   - version: v0.2.0
     command:
       - "{{ _copier_python }}"
       - "{{ _copier_conf.src_path }}/hooks/rename_config_key.py"
       - training.save_steps
       - training.checkpoint_steps
-    when: "{{ _stage == 'after' }}\"""")
+    when: "{{ _stage == 'after' }}\"
+""")
     git(src, "add", "-A")
     git(src, "commit", "-q", "-m", "template v0.2.0: rename training.save_steps")
     git(src, "tag", "v0.2.0")
