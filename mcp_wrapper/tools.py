@@ -197,7 +197,8 @@ class Tools(RunTools, JobTools):
                     if "unsafe" in str(error).lower() else "")
             raise ToolError(f"copier update failed: {type(error).__name__}: {error}{hint}") from None
         after = yaml.safe_load(answers_file.read_text()) or {}
-        changed = [line[3:] for line in _git(project, "status", "--porcelain").splitlines()]
+        # every file, not its new folder: a conflict inside a folder the update added is found too
+        changed = [line[3:] for line in _git(project, "status", "--porcelain", "--untracked-files=all").splitlines()]
         conflicts = sorted({name.removesuffix(".rej") for name in changed if name.endswith(".rej")}
                            | {name for name in changed if (project / name).is_file()
                               and "<<<<<<< before updating" in (project / name).read_text(errors="replace")})

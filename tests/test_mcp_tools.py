@@ -4,6 +4,8 @@ no training."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import pytest
 import yaml
@@ -89,6 +91,9 @@ def test_defaults_come_from_copier(server, root, tmp_path):
     assert out["project_path"] == str(root / "plain")
     assert out["project_structure"]["config_file"].endswith("config/fine_tuning_config.yaml")
     assert any(s.endswith("scripts/train.py") for s in out["project_structure"]["scripts"])
+    modules = {str(Path(m).relative_to(root / "plain")) for m in out["project_structure"]["trainer_modules"]}
+    assert {"trainer/engines/base_trainer.py", "trainer/engines/mlx_trainer.py", "trainer/config.py",
+            "trainer/runs/training_run_manager.py", "trainer/data/dataset_preparator.py"} <= modules
     assert "train" in out["command_examples"] and out["next_steps"]
     # a git repository with everything committed, ready for update_project
     assert (root / "plain" / ".git").is_dir()

@@ -263,7 +263,9 @@ def test_failures_are_reported_and_training_completes(project):
 @pytest.mark.slow
 def test_a_corrupt_csv_is_reported_not_fatal(project, run, tmp_path):
     copy = tmp_path / "copy"
-    shutil.copytree(project, copy, ignore=shutil.ignore_patterns("models", ".venv"))
+    # the project's top-level models/ (weights) is linked, not copied; trainer/models/ is code
+    shutil.copytree(project, copy, ignore=lambda folder, names: [n for n in names if n in ("models", ".venv")
+                                                                 and Path(folder) == project])
     (copy / "models").symlink_to(project / "models")
     (copy / "emissions" / f"{run['run_id']}_stage2_emissions.csv").write_text("timestamp,emissions\nnow,lots\n")
     code, report = script(copy, "emissions_report.py", "--run-id", run["run_id"])

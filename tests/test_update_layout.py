@@ -2,7 +2,8 @@
 this template (trainer/ in rooms), with a user's edits in its config and in two trainer modules,
 its own module, and a run trained with the old code. The update moves the code, keeps the config
 edit, carries one module edit and surfaces the other as a conflict (its code moved to another
-module), rewrites the user's imports, and the old run is still monitored, evaluated and exported.
+module; the MCP server's update_project reports it), rewrites the user's imports, and the old run
+is still monitored, evaluated and exported.
 
 The release is tests/releases/v0.2.0.tar.gz (`git archive v0.2.0 copier.yml template includes
 hooks`), so the test does not depend on the tag being in the clone that runs it."""
@@ -18,9 +19,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from copier import run_update
 
-from conftest import REPO, answers_of, render, script
+from conftest import REPO, answers_of, mcp_ok, render, script
+from mcp_wrapper.server import build_server
+from mcp_wrapper.settings import Settings
 
 RELEASE = REPO / "tests" / "releases" / "v0.2.0.tar.gz"
 PARTS = ("copier.yml", "template", "includes", "hooks")
@@ -92,8 +94,12 @@ def test_a_project_of_the_last_release_moves_into_the_rooms(tmp_path, releases):
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "our edits")
 
-    run_update(str(project), defaults=True, overwrite=True, quiet=True, unsafe=True, vcs_ref="v0.3.0")
-
+    # through the MCP server, as an agent would: it reports the conflict the migration left
+    server = build_server(Settings(template=str(releases), output_dir=tmp_path, trusted_templates=[str(releases)]))
+    out = mcp_ok(server, "update_project", {"project_path": str(project)})
+    assert (out["previous_version"], out["new_version"]) == ("v0.2.0", "v0.3.0")
+    assert out["conflicts"] == ["trainer/data/dataset_preparator.py"], out
+    assert {"trainer/evaluate/evaluation.py", "trainer/pipeline.py"} <= set(out["changed_files"]), "files, not folders"
     assert answers_of(project)["_commit"] == "v0.3.0"
     trainer = project / "trainer"
     # the old modules are gone, the rooms are in place, and git keeps them (the old .gitignore's

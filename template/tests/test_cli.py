@@ -42,3 +42,17 @@ def test_emit_goes_after_earlier_prints_and_works_on_captured_stdout(capsys):
     cli.emit({"status": "completed"})
     out = capsys.readouterr().out.splitlines()
     assert out == ["progress", '{"status": "completed"}']
+
+
+def test_the_contract_page_covers_every_script_and_status():
+    """docs/wrapper-contract.md is the one page tools rely on: every script with --json is in it,
+    and so are every run status and run file the code writes."""
+    from trainer.runs.training_run_manager import STATUSES
+
+    page = (ROOT / "docs" / "wrapper-contract.md").read_text(encoding="utf-8")
+    scripts = sorted(p.name for p in (ROOT / "scripts").glob("*.py"))
+    missing = [name for name in scripts if f"`{name}`" not in page]
+    assert missing == [] and len(scripts) >= 12
+    assert all(status in page for status in STATUSES)
+    for name in ("run-manifest.json", "status.json", "metrics.jsonl", ".lock", "final-model", ".olmo-export.json"):
+        assert f"`{name}" in page, name
