@@ -23,10 +23,15 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "template"))
+# The template's trainer package, pinned: template/trainer/ has no __init__.py (it is rendered from
+# a .jinja), so a plain import would make it a namespace package any installed project shadows.
+_package = types.ModuleType("trainer")
+_package.__path__ = [str(REPO / "template" / "trainer")]
+sys.modules["trainer"] = _package
 
 MULTIPLIER, THRESHOLD, BATCH = 2.5, 0.8, 16
 

@@ -7,27 +7,28 @@ Run by `copier update --trust` inside the project in the "after" stage (see `_mi
 in copier.yml and hooks/README.md). v0.3.0 moved the flat trainer/*.py modules into rooms
 (trainer/data/, trainer/models/, ...). Copier's update sees a moved module as one file
 deleted and another added: a module the user never changed simply moves, but a module the
-user changed would be deleted with their change. This script brings that change back:
+user changed is deleted with their change. This script brings that change back:
 
 - For each moved module the user changed (their committed version, HEAD, differs from the
-  release it was generated from), a 3-way merge (`git merge-file`) of their version, the old
-  release's and the new module writes the new module: their change is carried where it
-  merges cleanly, and marked with copier's own conflict markers (`<<<<<<< before updating`,
-  `>>>>>>> after updating`) where it does not, e.g. an edit in code that moved to another
-  module when a module was split. The old file stays deleted; git history keeps it.
+  release it was generated from), their version and the release's are brought to the new
+  names, then 3-way merged into the new module (`git merge-file`): their change is carried
+  where it merges cleanly, and marked with copier's own conflict markers (`<<<<<<< before
+  updating`, `>>>>>>> after updating`) and recorded as unmerged in git's index where it does
+  not, e.g. an edit in code that moved to another module when a module was split.
 - `trainer.<old module>` imports and references are rewritten to the new names in the
-  project's Python files the template does not own (the user's own modules, scripts, tests),
-  in the carried modules, and in config/**/*.yaml and .env (module:function settings).
-
-Idempotent: a second run finds nothing to carry (the old files are gone from the working
-tree only, HEAD still has them, so it re-merges into the same result only while the new
-module is untouched) and nothing to rewrite. Reports to stderr: over stdio, an MCP server's
-stdout belongs to the protocol.
+  project's Python files (its own modules, scripts, tests), config/**/*.yaml, pyproject.toml
+  and .env (module:function settings). Text already in the new layout is left as it is, so a
+  second run changes nothing.
+- It reports to stderr (over stdio, an MCP server's stdout belongs to the protocol): what it
+  carried, the conflicts, old names it could not rewrite, and modules of the user's own that a
+  new room's package hides. A module it cannot merge is reported and skipped; git's HEAD keeps
+  the user's version.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -72,96 +73,190 @@ SPLIT = {
     "export": "architecture() and check_planned() went to trainer/models/gguf_support.py",
     "gguf_export": "SUPPORTED, tokenizer_pre() and GGUFError went to trainer/models/gguf_support.py",
 }
-SKIP_DIRS = {".git", ".venv", "venv", "runs", "models", "data", "exports", ".tmp", "node_modules", "__pycache__",
-             "mlruns", "wandb", "emissions", "logs", "build", "dist"}
+EXPORT_ROOM = ("export", "export_target", "gguf_export", "gguf_check", "hub", "model_card")
+# Folders never searched: tools' and git's anywhere, the project's artefacts at its top level.
+SKIP_ANYWHERE = {".git", ".venv", "venv", "node_modules", "__pycache__", ".tmp", ".mypy_cache", ".ruff_cache"}
+SKIP_TOP = {"runs", "models", "data", "exports", "emissions", "logs", "mlruns", "wandb", "build", "dist"}
+ROOMS = ("data", "models", "runs", "observe", "engines", "evaluate", "export")
 NAMES = "|".join(sorted(MOVES, key=len, reverse=True))
-DOTTED = re.compile(r"(?<![\w.])trainer\.(" + NAMES + r")(?![\w])")
-SLASHED = re.compile(r"(?<![\w/])trainer/(" + NAMES + r")\.py\b")
-FROM = re.compile(r"^([ \t]*)from trainer import ([\w, ]+?)([ \t]*#.*)?$", re.M)
+ITEMS = r"(?:\((?P<paren>[^)]*)\)|(?P<plain>[\w, \t]+?))"
+# One pass over the text, so nothing rewritten is read again: `from trainer import ...` (one line
+# or parenthesised), `from trainer.export import ...` (the old module, unless it imports the new
+# room's modules), dotted names (not `trainer.export.<module of the room>`), and file paths.
+PATTERN = re.compile(
+    r"^(?P<indent>[ \t]*)from trainer(?P<sub>\.export)? import " + ITEMS + r"(?P<comment>[ \t]*#[^\n]*)?$"
+    r"|(?<![\w.])trainer\.(?P<dotted>" + NAMES + r")(?![\w])(?!\.(?:" + "|".join(EXPORT_ROOM) + r")\b)"
+    r"|(?<![\w/])trainer/(?P<slashed>" + NAMES + r")\.py\b", re.M)
+LEFTOVER = re.compile(r"from[ \t]+trainer[ \t]+import[^\n;]*\b(" + NAMES + r")\b|import[ \t]+trainer\.(" + NAMES
+                      + r")\b")
 LABELS = ["-L", "before updating", "-L", "last update", "-L", "after updating"]
 
 
-def git(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=check)
+def git(*args: str, cwd: Path, check: bool = True, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=check, input=stdin)
 
 
 def path_of(module: str) -> str:
     return "trainer/" + module.replace(".", "/") + ".py"
 
 
-def _group(match: re.Match) -> str:
-    """`from trainer import a, b` with moved modules: one line per package."""
-    indent, comment = match[1], match[3] or ""
+def _items(text: str) -> list[tuple[str, str | None]]:
+    """`a, b as c` (comments and newlines of a parenthesised list allowed) -> [(a, None), (b, c)]."""
+    text = re.sub(r"#[^\n]*", "", text)
+    out = []
+    for item in (part.strip() for part in text.replace("\n", " ").split(",")):
+        if item:
+            name, _, alias = (s.strip() for s in item.partition(" as "))
+            out.append((name, alias or None))
+    return out
+
+
+def _imports(match: re.Match) -> str:
+    items = _items(match["paren"] if match["paren"] is not None else match["plain"])
+    if match["sub"]:  # `from trainer.export import`: the old module, or the new room's modules
+        if all(name in EXPORT_ROOM for name, _ in items):
+            return match[0]
+        return match[0].replace("from trainer.export import", "from trainer.export.export import", 1)
+    if not any(name in MOVES for name, _ in items):
+        return match[0]
     by_package: dict[str, list[str]] = {}
-    for item in (s.strip() for s in match[2].split(",")):
-        new = MOVES.get(item)
-        package, name = ("trainer." + new.rsplit(".", 1)[0], new.rsplit(".", 1)[1]) if new else ("trainer", item)
-        by_package.setdefault(package, []).append(name)
-    return "\n".join(f"{indent}from {package} import {', '.join(names)}{comment}"
+    for name, alias in items:
+        package, module = "trainer", name
+        if name in MOVES:
+            room, module = MOVES[name].rsplit(".", 1)
+            package = f"trainer.{room}"
+            alias = alias or (name if module != name else None)  # the code keeps using the old name
+        by_package.setdefault(package, []).append(module + (f" as {alias}" if alias else ""))
+    comment = match["comment"] or ""  # on every line: a noqa comment means each of them
+    return "\n".join(f"{match['indent']}from {package} import {', '.join(names)}{comment}"
                      for package, names in sorted(by_package.items()))
 
 
+def _replace(match: re.Match) -> str:
+    if match["dotted"]:
+        return "trainer." + MOVES[match["dotted"]]
+    if match["slashed"]:
+        return path_of(MOVES[match["slashed"]])
+    return _imports(match)
+
+
 def rewrite(text: str) -> str:
-    """Old module names -> new ones; text without them comes back unchanged."""
-    text = FROM.sub(lambda m: _group(m) if any(s.strip() in MOVES for s in m[2].split(",")) else m[0], text)
-    text = DOTTED.sub(lambda m: "trainer." + MOVES[m[1]], text)
-    return SLASHED.sub(lambda m: path_of(MOVES[m[1]]), text)
+    """Old module names -> new ones. Text of the new layout, or without old names, comes back
+    unchanged, so rewriting twice is rewriting once."""
+    return PATTERN.sub(_replace, text)
 
 
-def carry(project: Path, template: Path, old_commit: str) -> tuple[list[str], list[str]]:
-    """Merge the user's changes of moved modules into their new homes: (carried, conflicted)."""
-    carried, conflicted = [], []
+def leftovers(text: str) -> list[str]:
+    """Old module names in import forms the rewrite does not handle (e.g. after a `;`)."""
+    return sorted({a or b for a, b in LEFTOVER.findall(text)})
+
+
+def decode(data: bytes) -> str:
+    return data.decode("utf-8", errors="surrogateescape")  # any byte survives the round trip
+
+
+def encode(text: str) -> bytes:
+    return text.encode("utf-8", errors="surrogateescape")
+
+
+def record_conflict(project: Path, path: Path, base: bytes, mine: bytes, theirs: bytes) -> None:
+    """Mark the file unmerged in git's index, as copier marks its own conflicts: `git status`
+    lists it, and a commit is refused until it is resolved and added."""
+    def blob(data: bytes) -> str:
+        return git("hash-object", "-w", "--stdin", cwd=project, stdin=data).stdout.decode().strip()
+
+    name = git("rev-parse", "--show-prefix", cwd=project).stdout.decode().strip() + path.relative_to(project).as_posix()
+    entries = [f"0 {'0' * 40}\t{name}", f"100644 {blob(base)} 1\t{name}", f"100644 {blob(mine)} 2\t{name}",
+               f"100644 {blob(theirs)} 3\t{name}"]
+    git("update-index", "--index-info", cwd=project, stdin=("\n".join(entries) + "\n").encode())
+
+
+def carry(project: Path, template: Path, old_commit: str) -> tuple[list[str], list[str], list[str]]:
+    """Merge the user's changes of moved modules into their new homes: (carried, conflicted, problems)."""
+    carried, conflicted, problems = [], [], []
+    scratch = project / ".tmp" / "migration"
     for old, new in MOVES.items():
         old_path, new_path = f"trainer/{old}.py", project / path_of(new)
         mine = git("show", f"HEAD:./{old_path}", cwd=project, check=False)
         if mine.returncode != 0 or not new_path.is_file():
             continue  # not in the project before the update (removed by the user), or no new home
         released = git("show", f"{old_commit}:template/{old_path}", cwd=template, check=False)
-        base = released.stdout if released.returncode == 0 else b""  # unknown release: all of it is theirs
-        if mine.stdout == base:
+        if released.returncode != 0:
+            problems.append(f"{old_path}: the release {old_commit} could not be read from the template, so a change "
+                            f"of yours cannot be told apart; if you changed it, `git show HEAD:{old_path}` has it")
+            continue
+        if mine.stdout == released.stdout:
             continue  # unchanged: the update moved it already
-        if (project / old_path).is_file() and (project / old_path).read_bytes() == mine.stdout:
-            (project / old_path).unlink()  # a copier that kept the old file: the merge below replaces it
-        scratch = project / ".tmp" / "migration"
-        scratch.mkdir(parents=True, exist_ok=True)
-        files = {"mine": scratch / f"{old}.mine.py", "base": scratch / f"{old}.base.py"}
-        files["mine"].write_bytes(mine.stdout)
-        files["base"].write_bytes(base)
-        merged = subprocess.run(["git", "merge-file", "-p", *LABELS, str(files["mine"]), str(files["base"]),
-                                 str(new_path)], capture_output=True)
-        for file in files.values():
-            file.unlink()
-        if merged.returncode < 0 or merged.returncode > 127:
-            raise SystemExit(f"move_trainer_modules: git merge-file failed on {old_path}: {merged.stderr.decode()}")
-        new_path.write_bytes(rewrite(merged.stdout.decode()).encode())
+        try:
+            scratch.mkdir(parents=True, exist_ok=True)
+            ours, base = encode(rewrite(decode(mine.stdout))), encode(rewrite(decode(released.stdout)))
+            theirs = new_path.read_bytes()
+            files = {"mine": scratch / f"{old}.mine.py", "base": scratch / f"{old}.base.py"}
+            files["mine"].write_bytes(ours)
+            files["base"].write_bytes(base)
+            merged = subprocess.run(["git", "merge-file", "-p", *LABELS, str(files["mine"]), str(files["base"]),
+                                     str(new_path)], capture_output=True)
+            for file in files.values():
+                file.unlink()
+            if not 0 <= merged.returncode <= 127:
+                raise RuntimeError(f"git merge-file failed: {decode(merged.stderr).strip()}")
+            if (project / old_path).is_file() and (project / old_path).read_bytes() == mine.stdout:
+                (project / old_path).unlink()  # a copier that kept the old file: the merge replaces it
+            new_path.write_bytes(merged.stdout)
+        except Exception as error:  # one module's trouble does not stop the others
+            problems.append(f"{old_path}: not carried ({error}); `git show HEAD:{old_path}` has your version")
+            continue
         note = f"{old_path} -> {path_of(new)}"
         if merged.returncode > 0:
+            record_conflict(project, new_path, base, ours, theirs)
             where = f" ({SPLIT[old]})" if old in SPLIT else ""
             conflicted.append(f"{note}: {merged.returncode} conflict(s) to resolve{where}")
         else:
             carried.append(f"{note}: your change carried")
-    return carried, conflicted
+    if scratch.is_dir() and not any(scratch.iterdir()):
+        scratch.rmdir()
+    return carried, conflicted, problems
 
 
-def owned_by_template(project: Path, path: Path, template: Path) -> bool:
-    """Whether the new template renders this file (then the update already wrote its new names)."""
-    relative = path.relative_to(project).as_posix()
-    return (template / "template" / relative).is_file() or (template / "template" / f"{relative}.jinja").is_file()
+def candidates(project: Path) -> list[Path]:
+    """The project's Python files, config YAML, pyproject.toml and .env (no links: a link's
+    target may lie outside the project)."""
+    found = []
+    for folder, dirs, files in os.walk(project):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if d not in SKIP_ANYWHERE and not d.startswith(".venv")
+                   and not (here == project and d in SKIP_TOP)]
+        for name in files:
+            path = here / name
+            if path.is_symlink():
+                continue
+            if name.endswith(".py") or (here == project and name in (".env", "pyproject.toml")) or (
+                    name.endswith((".yaml", ".yml")) and (project / "config") in (here, *here.parents)):
+                found.append(path)
+    return found
 
 
-def rewrite_references(project: Path, template: Path, skip: set[Path]) -> list[str]:
-    changed = []
-    candidates = [p for p in project.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(project).parts[:-1])]
-    candidates += [p for p in (project / "config").rglob("*.y*ml")] + [project / ".env"]
-    for path in candidates:
-        if not path.is_file() or path in skip or (path.suffix == ".py" and owned_by_template(project, path, template)):
+def rewrite_references(project: Path, skip: set[Path]) -> tuple[list[str], list[str]]:
+    """Rewrite old names in every candidate file: (files changed, files with old names left)."""
+    changed, left = [], []
+    for path in candidates(project):
+        if path in skip:
             continue
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        data = path.read_bytes()
+        text = decode(data)
         new = rewrite(text)
         if new != text:
-            path.write_text(new, encoding="utf-8", errors="surrogateescape")
+            path.write_bytes(encode(new))  # bytes in, bytes out: line endings stay as they were
             changed.append(path.relative_to(project).as_posix())
-    return changed
+        if rest := leftovers(new):
+            left.append(f"{path.relative_to(project).as_posix()}: still names {', '.join(rest)}")
+    return changed, left
+
+
+def shadowed(project: Path) -> list[str]:
+    """A module of the user's own named like a new room is hidden by the room's package."""
+    return [f"trainer/{room}.py is hidden by the new trainer/{room}/ package; rename it" for room in ROOMS
+            if room != "export" and (project / "trainer" / f"{room}.py").is_file()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,14 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", type=Path, default=Path.cwd())
     args = parser.parse_args(argv)
     project = args.project.resolve()
-    carried, conflicted = carry(project, args.template, args.old)
-    merged_files = {project / path_of(MOVES[n.split(" -> ")[0].removeprefix("trainer/").removesuffix(".py")])
-                    for n in carried + conflicted}
-    rewritten = rewrite_references(project, args.template, merged_files)
-    for line in carried + conflicted:
+    carried, conflicted, problems = carry(project, args.template, args.old)
+    merged = {project / path_of(MOVES[n.split(" -> ")[0].removeprefix("trainer/").removesuffix(".py")])
+              for n in carried + conflicted}
+    rewritten, left = rewrite_references(project, merged)
+    report = carried + conflicted + [f"{path}: trainer module names updated" for path in rewritten]
+    for line in report + problems + left + shadowed(project):
         print(f"move_trainer_modules: {line}", file=sys.stderr)
-    for path in rewritten:
-        print(f"move_trainer_modules: {path}: trainer module names updated", file=sys.stderr)
     return 0
 
 

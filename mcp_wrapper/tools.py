@@ -58,6 +58,19 @@ STORE_ANSWERS = {"mlflow_tracking_uri": "integrations.mlflow_tracking_uri"}
 GIT_TIMEOUT = 300
 
 
+def changed_files(project: Path) -> list[str]:
+    """Every changed file as git names it: each file, not its new folder (a conflict inside a
+    folder an update added is found too), and names unquoted (-z), spaces and all."""
+    fields = _git(project, "status", "--porcelain", "-z", "--untracked-files=all").split("\0")
+    files, rest = [], iter(fields)
+    for entry in rest:
+        if entry:
+            files.append(entry[3:])
+            if entry[0] in "RC":  # a rename or copy: the next field is where it came from
+                next(rest, None)
+    return files
+
+
 def _git(project: Path, *args: str, check: bool = True) -> str:
     env = {**GIT_IDENTITY, **os.environ}
     try:
@@ -197,8 +210,7 @@ class Tools(RunTools, JobTools):
                     if "unsafe" in str(error).lower() else "")
             raise ToolError(f"copier update failed: {type(error).__name__}: {error}{hint}") from None
         after = yaml.safe_load(answers_file.read_text()) or {}
-        # every file, not its new folder: a conflict inside a folder the update added is found too
-        changed = [line[3:] for line in _git(project, "status", "--porcelain", "--untracked-files=all").splitlines()]
+        changed = changed_files(project)
         conflicts = sorted({name.removesuffix(".rej") for name in changed if name.endswith(".rej")}
                            | {name for name in changed if (project / name).is_file()
                               and "<<<<<<< before updating" in (project / name).read_text(errors="replace")})

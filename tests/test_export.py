@@ -343,7 +343,7 @@ def test_gguf_with_a_sentencepiece_tokenizer(tmp_path):
         "unk_token": "<unk>"}))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = _project_module("tiny_model").CHAT_TEMPLATE
+    tokenizer.chat_template = _project_module("models.tiny_model").CHAT_TEMPLATE
     tokenizer.save_pretrained(model_dir)
     config = AutoConfig.for_model("mistral", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -351,7 +351,7 @@ def test_gguf_with_a_sentencepiece_tokenizer(tmp_path):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
 
-    gguf_export = _project_module("gguf_export")
+    gguf_export = _project_module("export.gguf_export")
     details = gguf_export.convert(model_dir, tmp_path / "m.gguf", "f16")
     assert details["tokenizer_pre"] == "default" and details["architecture"] == "llama"
     text = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(PROMPT, add_generation_prompt=True,
@@ -364,9 +364,14 @@ def test_gguf_with_a_sentencepiece_tokenizer(tmp_path):
 
 
 def _project_module(name: str):
-    """A module of the template's trainer package, imported from the template source."""
+    """A module of the template's trainer package, imported from the template source.
+
+    template/trainer/ has no __init__.py (it is rendered from __init__.py.jinja), so a plain
+    import would make it a namespace package that any installed project's `trainer` shadows:
+    the package is pinned to the template's folder instead."""
     import importlib
     import sys
+    import types
 
     from conftest import REPO
 
@@ -375,9 +380,12 @@ def _project_module(name: str):
             del sys.modules[module]
 
     forget()  # a `trainer` of some generated project may be loaded (Streamlit's AppTest runs in-process)
-    sys.path.insert(0, str(REPO / "template"))
+    package = types.ModuleType("trainer")
+    package.__path__ = [str(REPO / "template" / "trainer")]
+    sys.modules["trainer"] = package
     try:
-        return importlib.import_module(f"trainer.{name}")
+        module = importlib.import_module(f"trainer.{name}")
+        assert Path(module.__file__).is_relative_to(REPO / "template"), module.__file__
+        return module
     finally:  # leave no `trainer` package behind for in-process tests of generated projects
-        sys.path.remove(str(REPO / "template"))
         forget()

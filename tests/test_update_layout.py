@@ -88,9 +88,10 @@ def test_a_project_of_the_last_release_moves_into_the_rooms(tmp_path, releases):
                           '    return text.upper()\n')
     edit(project / "trainer" / "dataset_preparator.py", "                if not line.strip():\n",
          "                if not line.strip() or line.startswith(\"//\"):  # our comment lines\n")
+    edit(project / "trainer" / "hub.py", '    return repo_id\n', '    return repo_id.strip()  # our ids come padded\n')
     (project / "trainer" / "team.py").write_text(
-        "from trainer import evaluation, guard\nfrom trainer.training_data import read_records\n\n"
-        "LOUD = evaluation.shout\nREAD = read_records\nGUARD = guard\n")
+        "from trainer import evaluation, export, guard\nfrom trainer.training_data import read_records\n\n"
+        "LOUD = evaluation.shout\nREAD = read_records\nGUARD = guard\nEXPORT = export.export_run\n")
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "our edits")
 
@@ -119,15 +120,19 @@ def test_a_project_of_the_last_release_moves_into_the_rooms(tmp_path, releases):
     moved = (trainer / "evaluate" / "evaluation.py").read_text()
     assert "def shout(text: str) -> str:  # our team's helper" in moved and "<<<<<<<" not in moved
     assert "from trainer.runs.training_run_manager import" in moved
+    hub = (trainer / "export" / "hub.py").read_text()  # the export room's own imports stay intact
+    assert "return repo_id.strip()  # our ids come padded" in hub and "from trainer.export.export_target import" in hub
     # the dataset edit was in read_rows, which moved to trainer/data/readers.py: a conflict, marked
     # as copier marks its own, so the user (and the MCP server's update_project) sees it
     prepared = (trainer / "data" / "dataset_preparator.py").read_text()
     assert "<<<<<<< before updating" in prepared and ">>>>>>> after updating" in prepared
     assert 'line.startswith("//"):  # our comment lines' in prepared
+    assert git(project, "ls-files", "-u", "trainer/data/dataset_preparator.py"), "unmerged in git, as copier marks"
     assert not list(project.rglob("*.rej"))
     # the user's own module now imports the new names
     team = (trainer / "team.py").read_text()
     assert "from trainer.evaluate import evaluation" in team and "from trainer import guard" in team
+    assert "from trainer.export import export" in team
     assert "from trainer.data.training_data import read_records" in team
 
     # the user resolves the conflict: the change goes where read_rows lives now
@@ -135,9 +140,10 @@ def test_a_project_of_the_last_release_moves_into_the_rooms(tmp_path, releases):
     (trainer / "data" / "dataset_preparator.py").write_text(prepared)
     edit(trainer / "data" / "readers.py", "                if not line.strip():\n",
          "                if not line.strip() or line.startswith(\"//\"):  # our comment lines\n")
-    check = subprocess.run([sys.executable, "-c", "import trainer.team as t; print(t.LOUD('ok'))"], cwd=project,
+    check = subprocess.run([sys.executable, "-c", "import trainer.team as t; print(t.LOUD('ok'), t.EXPORT.__name__)"],
+                           cwd=project,
                            capture_output=True, text=True)
-    assert check.stdout.strip() == "OK", check.stderr
+    assert check.stdout.strip() == "OK export_run", check.stderr
 
     # the run trained before the update: monitored, evaluated, exported by the new code
     code, status = script(project, "status.py", "--run-id", run_id)

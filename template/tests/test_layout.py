@@ -31,17 +31,37 @@ def rank(module: str) -> int:
 
 
 def imports(path: Path) -> list[tuple[str, bool]]:
-    """(imported trainer module, at module level?) for every import in the file."""
+    """(imported trainer module, at import time?) for every import in the file: absolute and
+    relative ones, `importlib.import_module("trainer...")`, at module level (inside `try`/`if`
+    too) or inside functions (lazy)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    known = modules()
     found = []
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    top = {id(node) for node in tree.body}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "trainer":
-            for alias in node.names:  # `from trainer.data import weighting` imports a module
-                sub = f"{node.module}.{alias.name}"
-                found.append((sub if modules().get(sub) else node.module, id(node) in top))
-        elif isinstance(node, ast.Import):
-            found += [(a.name, id(node) in top) for a in node.names if a.name.split(".")[0] == "trainer"]
+
+    def target(module: str, names: list[str]) -> list[str]:
+        subs = [f"{module}.{n}" for n in names if known.get(f"{module}.{n}")]  # `from trainer.data import weighting`
+        return subs if len(subs) == len(names) else [module, *subs]
+
+    def visit(node: ast.AST, lazy: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:  # relative: from the package the file is in
+                    parent = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                if base.split(".")[0] == "trainer":
+                    found.extend((t, not lazy) for t in target(base, [a.name for a in child.names]))
+            elif isinstance(child, ast.Import):
+                found.extend((a.name, not lazy) for a in child.names if a.name.split(".")[0] == "trainer")
+            elif (isinstance(child, ast.Call) and getattr(child.func, "attr", getattr(child.func, "id", None))
+                  in ("import_module", "__import__") and child.args and isinstance(child.args[0], ast.Constant)
+                  and str(child.args[0].value).split(".")[0] == "trainer"):
+                found.append((str(child.args[0].value), not lazy))
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
     return found
 
 
@@ -92,11 +112,14 @@ def test_the_check_sees_a_violation(tmp_path, monkeypatch):
     (fake / "data").mkdir(parents=True)
     (fake / "engines").mkdir()
     (fake / "data" / "rows.py").write_text("def f():\n    from trainer.engines.loop import run\n")
+    (fake / "data" / "cols.py").write_text("try:\n    from ..engines import loop\nexcept ImportError:\n    pass\n")
+    (fake / "data" / "cells.py").write_text("import importlib\nimportlib.import_module('trainer.engines.loop')\n")
     (fake / "engines" / "loop.py").write_text("from trainer.data import rows\n")
     monkeypatch.setattr(__import__(__name__), "TRAINER", fake)
-    wrong = [f"{name} imports {target}" for name, path in modules().items() for target, _ in imports(path)
-             if rank(target) > rank(name)]
-    assert wrong == ["trainer.data.rows imports trainer.engines.loop"]
+    wrong = sorted(f"{name} imports {target}" for name, path in modules().items() for target, _ in imports(path)
+                   if rank(target) > rank(name))
+    assert wrong == [f"trainer.data.{m} imports trainer.engines.loop" for m in ("cells", "cols", "rows")]
+    assert ("trainer.engines.loop", True) in imports(fake / "data" / "cols.py"), "a try at module level runs on import"
 
 
 def test_git_keeps_every_module(tmp_path):

@@ -29,6 +29,7 @@ from trainer import guard
 from trainer.config import DatasetSection, FineTuningConfig
 from trainer.data import weighting
 from trainer.data.readers import (  # noqa: F401  (the data room's front: re-exported for callers)
+    BOM,
     FORMATS,
     DatasetError,
     RowError,
@@ -38,7 +39,7 @@ from trainer.data.readers import (  # noqa: F401  (the data room's front: re-exp
     read_rows,
     shown,
 )
-from trainer.data.records import Example, Rejected, to_example, to_record  # noqa: F401
+from trainer.data.records import ROLES, Example, Rejected, to_example, to_record  # noqa: F401
 from trainer.errors import advice
 from trainer.files import sha256_file, write_atomic
 

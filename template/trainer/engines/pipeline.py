@@ -22,7 +22,13 @@ from trainer.config import FineTuningConfig
 from trainer.data.training_data import Sampler, quality_weights, read_records, tokenize
 from trainer.data.weighting import summary as weighting_summary
 from trainer.engines import distributed
-from trainer.engines.backends import cuda_available, make_backend, resolve_backend
+from trainer.engines.backends import (  # noqa: F401  (engines, installed: re-exported, they were here)
+    cuda_available,
+    engines,
+    installed,
+    make_backend,
+    resolve_backend,
+)
 from trainer.engines.base_trainer import (
     Cancelled,
     StagePlan,
@@ -36,6 +42,7 @@ from trainer.engines.recorder import EmissionsProbe, Follower, Progress, RunReco
 from trainer.errors import advice
 from trainer.files import TEMP_PREFIX, Reserve, write_json
 from trainer.observe import emissions
+from trainer.observe.callbacks import TrainingCallback  # noqa: F401  (re-exported, it was here)
 from trainer.observe.emissions import StageEmissions
 from trainer.observe.tracking import Tracking, flatten
 from trainer.runs.training_run_manager import RunError, RunManager, now

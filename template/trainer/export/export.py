@@ -22,6 +22,7 @@ from typing import Any, Optional
 from trainer.config import EXPORT_FORMATS, FineTuningConfig
 from trainer.export import export_target, gguf_check, gguf_export, hub, model_card
 from trainer.files import TEMP_PREFIX, write_atomic
+from trainer.models.gguf_support import architecture, check_planned  # noqa: F401  (re-exported, they were here)
 from trainer.models.merge import ExportError, adapter_into, fuse_mlx, merge_hf, model_type
 from trainer.runs.training_run_manager import RunError, RunManager, now
 

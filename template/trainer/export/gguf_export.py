@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from trainer.models.gguf_support import SUPPORTED, GGUFError, tokenizer_pre, unsupported
+from trainer.models.gguf_support import CL100K, SUPPORTED, GGUFError, tokenizer_pre, unsupported  # noqa: F401
 
 QUANTIZATIONS = ("f32", "f16", "q8_0")
 PERMUTED = {"llama"}  # HF's rotate-half q/k layout is permuted to llama.cpp's interleaved rope
