@@ -23,22 +23,13 @@ import pytest
 from conftest import REPO, answers_of, mcp_ok, render, script
 from mcp_wrapper.server import build_server
 from mcp_wrapper.settings import Settings
+from test_update import git, replace
 
 RELEASE = REPO / "tests" / "releases" / "v0.2.0.tar.gz"
 PARTS = ("copier.yml", "template", "includes", "hooks")
 FAST = ["--set", "training.backend=transformers", "--set", "base_model.local_path=models/tiny-llama",
         "--set", "training.stage1.iterations=6", "--set", "training.save_steps=3", "--set", "training.eval_steps=3",
         "--set", "training.log_steps=3", "--set", "training.stage1.warmup_steps=1"]
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert text.count(old) == 1, f"{path}: expected one {old!r}"
-    path.write_text(text.replace(old, new))
 
 
 @pytest.fixture
@@ -82,13 +73,14 @@ def test_a_project_of_the_last_release_moves_into_the_rooms(tmp_path, releases):
 
     # the user's edits: a config value, two trainer modules, a module of their own
     config = project / "config" / "fine_tuning_config.yaml"
-    edit(config, "  rank: 8\n", "  rank: 4  # small adapters for our small data\n")
+    replace(config, "  rank: 8\n", "  rank: 4  # small adapters for our small data\n")
     evaluation = project / "trainer" / "evaluation.py"
     evaluation.write_text(evaluation.read_text() + '\n\ndef shout(text: str) -> str:  # our team\'s helper\n'
                           '    return text.upper()\n')
-    edit(project / "trainer" / "dataset_preparator.py", "                if not line.strip():\n",
-         "                if not line.strip() or line.startswith(\"//\"):  # our comment lines\n")
-    edit(project / "trainer" / "hub.py", '    return repo_id\n', '    return repo_id.strip()  # our ids come padded\n')
+    replace(project / "trainer" / "dataset_preparator.py", "                if not line.strip():\n",
+            "                if not line.strip() or line.startswith(\"//\"):  # our comment lines\n")
+    replace(project / "trainer" / "hub.py", "    return repo_id\n",
+            "    return repo_id.strip()  # our ids come padded\n")
     (project / "trainer" / "team.py").write_text(
         "from trainer import evaluation, export, guard\nfrom trainer.training_data import read_records\n\n"
         "LOUD = evaluation.shout\nREAD = read_records\nGUARD = guard\nEXPORT = export.export_run\n")
@@ -138,8 +130,8 @@ def test_a_project_of_the_last_release_moves_into_the_rooms(tmp_path, releases):
     # the user resolves the conflict: the change goes where read_rows lives now
     prepared = re.sub(r"<<<<<<< before updating\n.*?>>>>>>> after updating\n", "", prepared, flags=re.S)
     (trainer / "data" / "dataset_preparator.py").write_text(prepared)
-    edit(trainer / "data" / "readers.py", "                if not line.strip():\n",
-         "                if not line.strip() or line.startswith(\"//\"):  # our comment lines\n")
+    replace(trainer / "data" / "readers.py", "                if not line.strip():\n",
+            "                if not line.strip() or line.startswith(\"//\"):  # our comment lines\n")
     check = subprocess.run([sys.executable, "-c", "import trainer.team as t; print(t.LOUD('ok'), t.EXPORT.__name__)"],
                            cwd=project,
                            capture_output=True, text=True)
