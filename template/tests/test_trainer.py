@@ -109,7 +109,8 @@ def test_concatenating_sets_copies_no_rows_and_collate_pads():
     assert all(x is y for x, y in zip(both.tokens, a.tokens + b.tokens, strict=True))
     batch = collate(both, [1, 2], pad_id=0, multiple=8)
     assert batch.ids.shape == (2, 8) and batch.ids[0].tolist() == [4, 5, 0, 0, 0, 0, 0, 0]
-    assert batch.starts.tolist() == [1, 2] and batch.ends.tolist() == [1, 3] and batch.tokens == 6
+    assert batch.select[:3].tolist() == [0, 8 - 1 + 1, 8 - 1 + 2] and batch.labels[:3].tolist() == [5, 8, 9]
+    assert batch.owners[:3].tolist() == [0, 1, 1] and batch.tokens == 6 and batch.positions is None
     assert batch.targets == 1 + 2
 
 

@@ -110,6 +110,7 @@ class TrainingSection(Section):
     # Draw this many batches at once and cut them from the rows sorted by length: less padding,
     # the same rows and weights (1 = off; mlx-lm's own trainer sorts by length as well)
     length_grouping: int = Field(default=1, ge=1, le=1024)
+    packing: bool = False  # rows side by side, positions and attention per row (transformers; collate)
 
     @field_validator("val_batches")
     @classmethod

@@ -153,30 +153,91 @@ class Sampler:
 
 @dataclass
 class Batch:
-    """A padded batch: ids [B, L] (int32), and per row the first and last target position."""
+    """A batch laid out for the model: ids [B, L] (int32), the positions whose next token counts
+    in the loss (`select`, flat indices into the [B, L-1] grid of inputs), those next tokens
+    (`labels`) and their weights (1, or 0 for the entries that only round `select` up to a
+    steady size). `positions` [B, L] is set when rows are packed: each row restarts at 0, which
+    is what keeps packed rows from seeing each other."""
 
     ids: np.ndarray
-    starts: np.ndarray
-    ends: np.ndarray
+    select: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
     tokens: int  # real (unpadded) tokens in the batch
+    positions: Optional[np.ndarray] = None
+    owners: Optional[np.ndarray] = None  # per `select` entry, its row's place in the batch (-1: padding)
 
     @property
     def targets(self) -> int:
         """Tokens that count in the loss."""
-        return int((self.ends - self.starts + 1).clip(min=0).sum())
+        return int(self.weights.sum())
 
 
-def collate(data: TokenizedSet, indices, pad_id: int, multiple: int = 1) -> Batch:
-    """Right-padded to the longest row, rounded up to `multiple` (fewer distinct shapes
-    for compiled steps); padding never counts in the loss."""
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pack(lengths: list[int], width: int) -> list[list[int]]:
+    """Best-fit decreasing: the row indices of each sequence of at most `width` tokens, the
+    longest rows first, each into the fullest sequence it still fits (a new one if none)."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [b for b in range(len(bins)) if free[b] >= lengths[i]]
+        if fits:
+            best = min(fits, key=lambda b: free[b])
+            bins[best].append(i)
+            free[best] -= lengths[i]
+        else:
+            bins.append([i])
+            free.append(width - lengths[i])
+    return bins
+
+
+def select_size(count: int, multiple: int) -> int:
+    """`select` is padded to one of few sizes (compiled steps recompile for every new shape):
+    a multiple of `multiple` and of a quarter of the power of two below it, at most 25% waste."""
+    if multiple <= 1 or count <= 0:
+        return max(count, 1)
+    step = max(multiple, (1 << (count.bit_length() - 1)) // 4)
+    return round_up(count, step)
+
+
+def collate(data: TokenizedSet, indices, pad_id: int, multiple: int = 1, packed: bool = False) -> Batch:
+    """Right-padded to the longest row, rounded up to `multiple` (fewer distinct shapes for
+    compiled steps); padding never counts in the loss. With `packed`, rows share sequences of
+    that width (pack) with their positions restarting at each row, so padding all but goes."""
     rows = [data.tokens[i] for i in indices]
-    width = -(-max(len(r) for r in rows) // multiple) * multiple
-    ids = np.full((len(rows), width), pad_id, dtype=np.int32)
-    for j, row in enumerate(rows):
-        ids[j, : len(row)] = row
-    starts = np.array([data.starts[i] for i in indices], dtype=np.int32)
-    ends = np.array([len(r) - 1 for r in rows], dtype=np.int32)
-    return Batch(ids=ids, starts=starts, ends=ends, tokens=sum(len(r) for r in rows))
+    starts = [data.starts[i] for i in indices]
+    width = round_up(max(len(r) for r in rows), multiple)
+    layout = pack([len(r) for r in rows], width) if packed else [[j] for j in range(len(rows))]
+    ids = np.full((len(layout), width), pad_id, dtype=np.int32)
+    positions = np.zeros((len(layout), width), dtype=np.int32) if packed else None
+    select, labels, owners = [], [], []
+    for b, members in enumerate(layout):
+        offset = 0
+        for j in members:
+            row = rows[j]
+            ids[b, offset:offset + len(row)] = row
+            if positions is not None:
+                positions[b, offset:offset + len(row)] = np.arange(len(row))
+            # input position p predicts token p + 1: row j's targets are its tokens start..end
+            base = b * (width - 1) + offset
+            select.extend(range(base + starts[j] - 1, base + len(row) - 1))
+            labels.extend(row[starts[j]:])
+            owners.extend([j] * (len(row) - starts[j]))
+            offset += len(row)
+        if positions is not None and offset < width:  # padding continues the last row (it sees nothing after)
+            last = positions[b, offset - 1]
+            positions[b, offset:] = np.arange(last + 1, last + 1 + width - offset)
+    count = len(select)
+    size = select_size(count, multiple)
+    weights = np.zeros(size, dtype=np.float32)
+    weights[:count] = 1.0
+    return Batch(ids=ids, select=np.array(select + [0] * (size - count), dtype=np.int32),
+                 labels=np.array(labels + [pad_id] * (size - count), dtype=np.int32), weights=weights,
+                 tokens=sum(len(r) for r in rows), positions=positions,
+                 owners=np.array(owners + [-1] * (size - count), dtype=np.int32))
 
 
 def eval_rows(data: TokenizedSet, batch_size: int, max_batches: int) -> list[np.ndarray]:
@@ -185,6 +246,7 @@ def eval_rows(data: TokenizedSet, batch_size: int, max_batches: int) -> list[np.
     return [np.arange(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
 
 
-def eval_batches(data: TokenizedSet, batch_size: int, max_batches: int, pad_id: int, multiple: int = 1) -> list[Batch]:
+def eval_batches(data: TokenizedSet, batch_size: int, max_batches: int, pad_id: int, multiple: int = 1,
+                 packed: bool = False) -> list[Batch]:
     """Validation batches in file order: the first `max_batches` (-1 = all)."""
-    return [collate(data, rows, pad_id, multiple) for rows in eval_rows(data, batch_size, max_batches)]
+    return [collate(data, rows, pad_id, multiple, packed) for rows in eval_rows(data, batch_size, max_batches)]

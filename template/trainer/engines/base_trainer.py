@@ -66,6 +66,8 @@ class Backend(ABC):
     tokenizer: Any = None
     pad_multiple: int = 1  # batch widths are rounded up to this (compiled engines like few shapes)
     world: World = World()  # the processes training together (data parallel)
+    target_only: bool = False  # logits only at target positions (fast_paths.check turns it on)
+    chunk: int = 1024  # target positions per output-layer chunk
 
     @abstractmethod
     def load(self, source: str, quantization: str, cache_dir: Path) -> dict[str, Any]:
@@ -126,6 +128,17 @@ class Backend(ABC):
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's tokens as training saw them (the template already holds any BOS)."""
         return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def vocabulary(self) -> int:
+        return len(self.tokenizer)
+
+    def tolerance(self) -> float:
+        """Relative difference allowed between two ways of computing the same loss."""
+        return 1e-4
+
+    def target_only_blocked(self) -> Optional[str]:
+        """Why target-only logits cannot be used here, if they cannot."""
+        return None
 
     @abstractmethod
     def peak_memory_gb(self) -> float:
@@ -231,6 +244,7 @@ class StagePlan:
     val_batches: int
     checkpoint_dir: Path
     adapter_dir: Path
+    packed: bool = False  # rows share sequences (collate)
     start_iteration: int = 0
     stop_requested: Callable[[], bool] = lambda: False
     callbacks: list[TrainingCallback] = field(default_factory=list)
@@ -264,7 +278,7 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
         mine, weight = world.shard(rows), 1
         if not len(mine):  # a short last batch: run a row anyway, FSDP gathers weights in every forward
             mine, weight = rows[:1], 0
-        valid.append((collate(plan.valid, mine, backend.pad_id, backend.pad_multiple), weight))
+        valid.append((collate(plan.valid, mine, backend.pad_id, backend.pad_multiple, plan.packed), weight))
     started = time.perf_counter()
 
     def validate() -> float:
@@ -301,7 +315,7 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
         for micro in range(plan.accumulation):
             rows = plan.sampler.batch(iteration, micro)  # the global batch: the same on every rank
             targets = sum(lengths[i] - plan.train.starts[i] for i in rows)
-            batch = collate(plan.train, world.shard(rows), backend.pad_id, backend.pad_multiple)
+            batch = collate(plan.train, world.shard(rows), backend.pad_id, backend.pad_multiple, plan.packed)
             loss += backend.step(batch, lr, plan.accumulation, update=micro == plan.accumulation - 1,
                                  denominator=targets / world.size)
             window_tokens += sum(lengths[i] for i in rows)

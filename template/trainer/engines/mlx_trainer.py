@@ -78,13 +78,41 @@ def quantized_copy(source: str, bits: int, cache_dir: Path) -> Path:
     return target
 
 
-def masked_loss(model: nn.Module, ids: mx.array, starts: mx.array, ends: mx.array) -> tuple[mx.array, mx.array]:
-    """Summed cross-entropy over each row's target positions [start, end], and their count."""
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    positions = mx.arange(1, targets.shape[1] + 1)
-    mask = (positions >= starts[:, None]) & (positions <= ends[:, None])
-    ce = nn.losses.cross_entropy(model(inputs), targets) * mask
-    return ce.astype(mx.float32).sum(), mask.sum()
+def output_layer(model: nn.Module):
+    """What turns mlx-lm's hidden states into logits: its lm_head, or the tied embedding."""
+    head = getattr(model, "lm_head", None)
+    return head if head is not None else model.model.embed_tokens.as_linear
+
+
+def target_loss(head, hidden: mx.array, labels: mx.array, weights: mx.array, chunk: int) -> mx.array:
+    """Summed weighted cross-entropy of `head(hidden)`, `chunk` positions at a time; with more
+    than one chunk each is recomputed in the backward pass (mx.checkpoint) instead of kept."""
+
+    def part(h, y, w):
+        return (nn.losses.cross_entropy(head(h).astype(mx.float32), y) * w).sum()
+
+    if hidden.shape[0] <= chunk:
+        return part(hidden, labels, weights)
+    total = mx.array(0.0)
+    for i in range(0, hidden.shape[0], chunk):
+        y, w = labels[i:i + chunk], weights[i:i + chunk]  # captured: no gradient w.r.t. the labels
+        total = total + mx.checkpoint(lambda h, y=y, w=w: part(h, y, w))(hidden[i:i + chunk])
+    return total
+
+
+def masked_loss(model: nn.Module, ids: mx.array, select: mx.array, labels: mx.array, weights: mx.array,
+                target_only: bool = False, chunk: int = 1024) -> tuple[mx.array, mx.array]:
+    """Summed cross-entropy over the batch's target positions (Batch.select), and their count:
+    with `target_only` the output layer runs at those positions only."""
+    inputs = ids[:, :-1]
+    if target_only:
+        hidden = model.model(inputs)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[select]
+        return target_loss(output_layer(model), hidden, labels, weights, chunk), weights.sum()
+    logits = model(inputs)
+    logits = logits.reshape(-1, logits.shape[-1])[select]
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), labels) * weights
+    return ce.sum(), weights.sum()
 
 
 class MLXBackend(Backend):
@@ -136,25 +164,27 @@ class MLXBackend(Backend):
         self.max_grad_norm = training.max_grad_norm
         model, optimizer = self.model, self.optimizer
 
-        def loss_fn(model, ids, starts, ends, denominator):
-            total, count = masked_loss(model, ids, starts, ends)
+        def loss_fn(model, ids, select, labels, weights, denominator):
+            total, count = masked_loss(model, ids, select, labels, weights, self.target_only, self.chunk)
             return total / denominator, count
 
         value_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state]
 
-        @partial(mx.compile, inputs=state, outputs=state)
-        def micro_step(ids, starts, ends, denominator, accumulation):
-            (loss, _), grad = value_and_grad(model, ids, starts, ends, denominator)
+        def micro_step(ids, select, labels, weights, denominator, accumulation):
+            (loss, _), grad = value_and_grad(model, ids, select, labels, weights, denominator)
             return loss, tree_map(lambda g: g / accumulation, grad)
 
-        self._step = micro_step
+        # compiled once the fast-path check has set target_only (the flag is baked into the graph)
+        self._compile = lambda: partial(mx.compile, inputs=state, outputs=state)(micro_step)
+        self._step = None
 
     def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool,
              denominator: float | None = None) -> float:
-        ids, starts, ends = mx.array(batch.ids), mx.array(batch.starts), mx.array(batch.ends)
+        if self._step is None:
+            self._step = self._compile()
         denominator = float(batch.targets if denominator is None else denominator)
-        loss, grad = self._step(ids, starts, ends, mx.array(denominator, dtype=mx.float32),
+        loss, grad = self._step(*self._arrays(batch), mx.array(denominator, dtype=mx.float32),
                                 mx.array(accumulation, dtype=mx.float32))
         if self._grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, self._grad)
@@ -177,12 +207,26 @@ class MLXBackend(Backend):
         self.model.eval()
         total, count = 0.0, 0
         for batch in batches:
-            loss, tokens = masked_loss(self.model, mx.array(batch.ids), mx.array(batch.starts), mx.array(batch.ends))
+            loss, tokens = masked_loss(self.model, *self._arrays(batch), self.target_only, self.chunk)
             mx.eval(loss, tokens)
             total += float(loss.item())
             count += int(tokens.item())
         self.model.train(training)
         return total, count
+
+    @staticmethod
+    def _arrays(batch: Batch) -> tuple[mx.array, ...]:
+        if batch.positions is not None:
+            raise TrainingError("training.packing needs position ids per row, which mlx-lm's models do not take")
+        return (mx.array(batch.ids), mx.array(batch.select), mx.array(batch.labels), mx.array(batch.weights))
+
+    def vocabulary(self) -> int:
+        rows = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer._tokenizer)
+        return min(len(self.tokenizer._tokenizer), rows)
+
+    def tolerance(self) -> float:
+        first = next(v for _, v in tree_flatten(self.model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+        return 1e-4 if first.dtype == mx.float32 else 2e-2
 
     def save_adapter(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

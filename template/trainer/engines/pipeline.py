@@ -21,7 +21,7 @@ import numpy as np
 from trainer.config import FineTuningConfig
 from trainer.data.training_data import Sampler, quality_weights, read_records, tokenize
 from trainer.data.weighting import summary as weighting_summary
-from trainer.engines import distributed
+from trainer.engines import distributed, fast_paths
 from trainer.engines.backends import (  # noqa: F401  (engines, installed: re-exported, they were here)
     cuda_available,
     engines,
@@ -136,6 +136,11 @@ def check_request(manager: RunManager, run_id: str, config: FineTuningConfig, ba
                                                          "(start_training with stage=1)"))
     for number in stages:
         distributed.check_batch(world, number, config.training.stage(number).batch_size)
+    if backend[0] == "mlx" and config.training.packing:
+        raise TrainingError("training.packing is for the transformers backend: packed rows need attention and "
+                            "positions that restart at each row, and mlx-lm's models take neither (a causal mask "
+                            "over the whole sequence, RoPE from one offset), so rows would see each other. Use "
+                            "training.length_grouping on mlx to cut padding", details={"field": "training.packing"})
     if backend[0] == "transformers" and config.base_model.quantization != "none" and not cuda_available():
         from trainer.engines.transformers_trainer import quantization_error
 
@@ -240,6 +245,7 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
                            details={"stage": 2})
     trainable = backend.add_adapters(config.lora, training.gradient_checkpointing, parent)
     backend.setup_optimizer(training)
+    layout = fast_paths.check(backend, training.packing)
 
     def load(split: str, stage_dir: str = key):
         path = run_dir / stage_dir / "training-data" / f"{split}.jsonl"
@@ -286,7 +292,7 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
         "data": entry["data"], "rows": {"train": len(train) - replay_rows, "replay": replay_rows,
                                         "valid": len(valid), "dropped_too_long": train.dropped + valid.dropped},
         "weighting": weights, "parent_adapter": entry["parent_adapter"], "resumed_from": start or None,
-        "distributed": world.describe() | {"global_batch_size": sampler.batch_size},
+        "distributed": world.describe() | {"global_batch_size": sampler.batch_size}, "layout": layout,
     }
     if world.main:
         write_json(run_dir / key / "training_metadata.json", metadata)
@@ -299,7 +305,7 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
         learning_rate=section.learning_rate, warmup_steps=section.warmup_steps, schedule=training.lr_schedule,
         accumulation=training.gradient_accumulation_steps, batch_size=section.batch_size,
         log_steps=training.log_steps, eval_steps=training.eval_steps, save_steps=training.save_steps,
-        val_batches=training.val_batches, checkpoint_dir=run_dir / key / "checkpoints",
+        val_batches=training.val_batches, packed=training.packing, checkpoint_dir=run_dir / key / "checkpoints",
         adapter_dir=run_dir / key / "adapters", start_iteration=start, stop_requested=stop,
         callbacks=[recorder, Progress(number, quiet), tracking] if world.main else [],
     )

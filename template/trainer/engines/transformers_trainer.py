@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.config import LoraSection, TrainingSection
@@ -42,6 +43,25 @@ def quantization_error(quantization: str) -> TrainingError:
         "quantizes the base model itself, or set base_model.quantization: none",
         details={"quantization": quantization, "backend": "transformers", "supported_by": ["mlx"]},
     )
+
+
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+    return (F.cross_entropy(head(hidden).float(), labels, reduction="none") * weights).sum()
+
+
+def target_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+    """Summed weighted cross-entropy of `head(hidden)` against `labels`, `chunk` positions at a
+    time. With more than one chunk each is recomputed in the backward pass instead of kept, so
+    at most one chunk's logits ([chunk, vocabulary]) exist at any time."""
+    if hidden.shape[0] <= chunk:
+        return _chunk_loss(head, hidden, labels, weights)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        part = slice(i, i + chunk)
+        total = total + checkpoint(_chunk_loss, head, hidden[part], labels[part], weights[part], use_reentrant=False)
+    return total
 
 
 class TransformersBackend(Backend):
@@ -134,17 +154,38 @@ class TransformersBackend(Backend):
                                 strict=False)
 
     def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over the batch's target positions, and their count. The output
+        layer runs on those positions only, in chunks (target_loss), unless the check at the
+        start found that this model's logits are more than its output layer (then all of them)."""
         ids = torch.from_numpy(batch.ids).long().to(self.device)
-        starts = torch.from_numpy(batch.starts).to(self.device)
-        ends = torch.from_numpy(batch.ends).to(self.device)
-        # Right padding under causal attention never reaches a real token, so no mask is
-        # needed (as in mlx-lm); position ids are 0..L-1 on both backends.
-        logits = self.model(input_ids=ids[:, :-1]).logits
-        targets = ids[:, 1:]
-        positions = torch.arange(1, targets.shape[1] + 1, device=self.device)[None, :]
-        mask = (positions >= starts[:, None]) & (positions <= ends[:, None])
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-        return (ce * mask.reshape(-1)).sum(), mask.sum()
+        select = torch.from_numpy(batch.select).long().to(self.device)
+        labels = torch.from_numpy(batch.labels).long().to(self.device)
+        weights = torch.from_numpy(batch.weights).to(self.device)
+        # Right padding under causal attention never reaches a real token, so no mask is needed
+        # (as in mlx-lm). Packed rows restart their position ids, from which transformers builds
+        # attention that stays inside each row.
+        kwargs = {"input_ids": ids[:, :-1]}
+        if batch.positions is not None:
+            kwargs["position_ids"] = torch.from_numpy(batch.positions[:, :-1]).long().to(self.device)
+        if not self.target_only:
+            logits = self.model(**kwargs).logits
+            flat = logits.reshape(-1, logits.shape[-1]).index_select(0, select)
+            return (F.cross_entropy(flat.float(), labels, reduction="none") * weights).sum(), weights.sum()
+        head = self._base().get_output_embeddings()
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, args):  # what the output layer would see; it computes nothing (no positions)
+            seen["hidden"] = args[0]
+            return (args[0][:, :0],)
+
+        handle = head.register_forward_pre_hook(grab)
+        try:
+            self.model(**kwargs)
+        finally:
+            handle.remove()
+        hidden = seen["hidden"]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, select)
+        return target_loss(head, hidden, labels, weights, self.chunk), weights.sum()
 
     def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool,
              denominator: float | None = None) -> float:
@@ -183,6 +224,24 @@ class TransformersBackend(Backend):
 
     def eval_mode(self) -> None:
         self.model.eval()
+
+    def _base(self) -> torch.nn.Module:
+        """The transformers model itself: inside peft's wrapper once adapters are added."""
+        return self.peft.get_base_model() if self.peft is not None else self.model
+
+    def vocabulary(self) -> int:
+        return min(len(self.tokenizer), self._base().get_input_embeddings().num_embeddings)
+
+    def tolerance(self) -> float:
+        return 1e-4 if next(self._base().parameters()).dtype == torch.float32 else 2e-2
+
+    def target_only_blocked(self) -> Optional[str]:
+        head = self._base().get_output_embeddings()
+        if head is None:
+            return "the model has no output layer transformers can name"
+        if any(type(p).__name__ == "DTensor" for p in head.parameters()):
+            return "FSDP shards the output layer, which runs inside the model's forward only"
+        return None
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_tokens: int, temperature: float, top_p: float) -> list[str]:

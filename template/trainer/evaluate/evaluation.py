@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from trainer.config import FineTuningConfig
 from trainer.data.training_data import eval_batches, messages_of, read_records, tokenize
+from trainer.engines import fast_paths
 from trainer.engines.backends import make_backend
 from trainer.engines.base_trainer import Backend
 from trainer.errors import ProjectError, advice
@@ -71,6 +72,7 @@ def evaluate_model(backend: Backend, records: list[dict[str, Any]], config: Fine
     metrics: dict[str, Any] = {"rows": len(records)}
     if "perplexity" in evaluation.metrics:
         data = tokenize(records, backend.tokenizer, training.max_seq_length, training.mask_prompt)
+        fast_paths.check(backend, packed=False)  # logits only where the loss counts, when exact
         loss = backend.evaluate(eval_batches(data, batch_size, -1, backend.pad_id, backend.pad_multiple))
         metrics.update(loss=loss, perplexity=math.exp(min(loss, 700)))
     conversations = [messages_of(r) for r in records]
