@@ -213,3 +213,14 @@ def test_project_tests_pass(generated):
                           cwd=project, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert re.search(r"\d+ passed", proc.stdout)
+
+
+@pytest.mark.slow
+def test_project_slow_tests_pass(copie):
+    """The project's own slow tests (the engines' equivalence checks on a tiny model) pass."""
+    result = copie.copy(extra_answers={})  # the defaults
+    assert result.exception is None, result.exception
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "slow", "-p", "no:cacheprovider"],
+                          cwd=result.project_dir, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"[5-9] passed|\d\d+ passed", proc.stdout), proc.stdout[-500:]
