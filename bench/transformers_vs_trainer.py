@@ -88,6 +88,43 @@ print(json.dumps({"tokens": seen["tokens"], "seconds": metrics["train_runtime"],
 '''
 
 
+TRL_SCRIPT = r'''
+import json, sys
+from pathlib import Path
+import numpy as np
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+model_dir, data_file, out, steps, batch, lr, seed = sys.argv[1:8]
+sys.path.insert(0, ".")
+from trainer.data.training_data import Sampler
+
+records = [json.loads(line)["messages"] for line in Path(data_file).read_text().splitlines()]
+# the very rows the project's run draws (seed, stage 1, iterations 1..steps), as prompt-completion
+# pairs, so TRL packs (best-fit decreasing, padding-free) and trains on the same tokens
+sampler = Sampler([(np.ones(len(records)), 1.0)], int(batch), int(seed), 1)
+rows = [{"prompt": records[int(i)][:-1], "completion": records[int(i)][-1:]}
+        for step in range(1, int(steps) + 1) for i in sampler.batch(step, 0)]
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+config = SFTConfig(output_dir=out, packing=True, packing_strategy="bfd", max_length=512,
+                   per_device_train_batch_size=2, num_train_epochs=1, learning_rate=float(lr),
+                   lr_scheduler_type="constant", warmup_steps=0, gradient_checkpointing=False,
+                   logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                   dataloader_num_workers=0, seed=int(seed))
+trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                     peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+metrics = trainer.train().metrics
+peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+print(json.dumps({"tokens": tokens, "seconds": metrics["train_runtime"], "blocks": len(trainer.train_dataset),
+                  "tokens_per_second": tokens / metrics["train_runtime"], "peak_gb": peak / 1e6}))
+'''
+
+
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     import torch
 
@@ -104,7 +141,9 @@ def _timed(function) -> float:
 
 
 def main() -> None:
-    args = parser(__doc__, steps=20, batch=8).parse_args()
+    cli = parser(__doc__, steps=20, batch=8)
+    cli.add_argument("--grouped", action="store_true", help=f"also the project with length_grouping {GROUP}")
+    args = cli.parse_args()
     import torch
 
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
@@ -120,29 +159,35 @@ def main() -> None:
                      *project_args(args.steps, args.batch, LEARNING_RATE)]
         theirs_args = [python, "-c", TRAINER_SCRIPT, str(model), str(data_file), str(Path(tmp) / "hf"),
                        str(args.steps), str(args.batch), str(LEARNING_RATE), "42"]
-        grouped_args = [*ours_args, "--set", f"training.length_grouping={GROUP}"]
-        ours, theirs, grouped = [], [], []
+        packed_args = [*ours_args, "--set", "training.packing=true"]
+        trl_args = [python, "-c", TRL_SCRIPT, str(model), str(data_file), str(Path(tmp) / "trl"),
+                    str(args.steps), str(args.batch), str(LEARNING_RATE), "42"]
+        sides = {"project transformers": ours_args, "project, packing": packed_args,
+                 "HF Trainer + peft": theirs_args, "TRL SFTTrainer, packing": trl_args}
+        if args.grouped:
+            sides["project, grouped"] = [*ours_args, "--set", f"training.length_grouping={GROUP}"]
+        found: dict[str, list[dict]] = {name: [] for name in sides}
         for repeat in range(args.repeats):
-            for target, argv in ((ours, ours_args), (grouped, grouped_args)):
-                stage = run(argv, project)["stages"]["stage1"]
-                target.append({"tokens_per_second": stage["tokens_per_second"], "peak_gb": stage["peak_memory_gb"]})
-            theirs.append(run(theirs_args, project))
-            print(f"  repeat {repeat + 1}: ours {ours[-1]['tokens_per_second']:.0f} tok/s, "
-                  f"ours grouped {grouped[-1]['tokens_per_second']:.0f}, "
-                  f"Trainer {theirs[-1]['tokens_per_second']:.0f}")
+            for name, argv in sides.items():
+                out = run(argv, project)
+                if "stages" in out:
+                    out = out["stages"]["stage1"]
+                    out = {"tokens_per_second": out["tokens_per_second"], "peak_gb": out["peak_memory_gb"]}
+                found[name].append(out)
+            print(f"  repeat {repeat + 1}: " + ", ".join(f"{name} {found[name][-1]['tokens_per_second']:.0f}"
+                                                      for name in sides))
         peak = matmul_peak()
 
-    ours_tps, theirs_tps = median(ours, "tokens_per_second"), median(theirs, "tokens_per_second")
-    grouped_tps = median(grouped, "tokens_per_second")
+    tps = {name: median(values, "tokens_per_second") for name, values in found.items()}
     print(f"\nmodel: {summary['model']}, {n_params / 1e6:.1f}M parameters ({n_matmul / 1e6:.1f}M in matmuls), "
           f"batch {args.batch}, "
           f"{args.steps} steps x {args.repeats} alternating runs, {args.rows} rows of variable length")
-    print(f"{'':22}{'tokens/s':>10}{'peak GB':>9}{'MFU':>8}")
-    for name, values, tps in (("project transformers", ours, ours_tps), ("project, grouped", grouped, grouped_tps),
-                              ("HF Trainer + peft", theirs, theirs_tps)):
-        print(f"{name:22}{tps:>10.0f}{median(values, 'peak_gb'):>9.2f}{4 * n_matmul * tps / peak:>8.1%}")
-    print(f"ratio (project / Trainer): {ours_tps / theirs_tps:.2f}x")
-    print(f"ratio (project with length_grouping {GROUP} / Trainer): {grouped_tps / theirs_tps:.2f}x")
+    print(f"{'':26}{'tokens/s':>10}{'peak GB':>9}{'MFU':>8}")
+    for name, values in found.items():
+        print(f"{name:26}{tps[name]:>10.0f}{median(values, 'peak_gb'):>9.2f}{4 * n_matmul * tps[name] / peak:>8.1%}")
+    for ours in [name for name in sides if name.startswith("project")]:
+        print(f"{ours} / HF Trainer: {tps[ours] / tps['HF Trainer + peft']:.2f}x, "
+              f"/ TRL packing: {tps[ours] / tps['TRL SFTTrainer, packing']:.2f}x")
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s (2048x2048, best of 10)")
 
 

@@ -26,11 +26,12 @@ def test_transformers_benchmark_runs_both_sides():
     pytest.importorskip("peft")
     out = subprocess.run([sys.executable, str(REPO / "bench" / "transformers_vs_trainer.py"), "--steps", "2",
                           "--repeats", "1", "--rows", "60"], capture_output=True, text=True, timeout=900).stdout
-    assert "ratio (project / Trainer):" in out, out[-3000:]
-    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()
-            if line.startswith(("project transformers", "project, grouped", "HF Trainer + peft"))}
-    assert set(rows) == {"project transformers", "project, grouped", "HF Trainer + peft"}
-    assert all(float(values[0]) > 0 and values[2].endswith("%") for values in rows.values())
+    assert "project, packing / HF Trainer:" in out, out[-3000:]
+    names = ("project transformers", "project, packing", "HF Trainer + peft", "TRL SFTTrainer, packing")
+    rows = {line[:26].strip(): line[26:].split() for line in out.splitlines() if line.startswith(names)
+            and "/" not in line}
+    assert set(rows) == set(names)
+    assert all(float(values[0]) > 0 and float(values[1]) > 0 and values[2].endswith("%") for values in rows.values())
 
 
 @pytest.mark.slow
