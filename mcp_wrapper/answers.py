@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 # spec section -> {field: copier question, or {field: question} for a group inside it}
 STAGE = {"iterations": "{s}_iterations", "learning_rate": "{s}_learning_rate", "batch_size": "{s}_batch_size",
-         "warmup_steps": "{s}_warmup_steps"}
+         "warmup_steps": "{s}_warmup_steps", "method": "{s}_method", "beta": "{s}_beta"}
 SECTIONS: dict[str, dict[str, Any]] = {
     "base_model": {"type": "model_type", "model_id": "model_id", "local_path": "model_local_path",
                    "quantization": "quantization"},
@@ -35,7 +35,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "gradient_checkpointing": "gradient_checkpointing", "seed": "seed",
     },
     "lora": {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
-             "target_modules": "lora_target_modules", "num_layers": "lora_num_layers"},
+             "target_modules": "lora_target_modules", "num_layers": "lora_num_layers", "use_dora": "lora_use_dora"},
     "dataset": {"format": "dataset_format", "instruction_field": "instruction_field", "input_field": "input_field",
                 "system_field": "system_field", "output_field": "output_field", "quality_field": "quality_field",
                 "metadata_field": "metadata_field", "train_split": "train_split",

@@ -4,27 +4,18 @@ model of each engine installed here)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import rows
 
-from trainer.data.training_data import TokenizedSet, collate, pack
+from trainer.data.training_data import collate, pack
 from trainer.engines import fast_paths
 from trainer.engines.backends import installed, make_backend
 from trainer.engines.base_trainer import TrainingError
 
 ENGINES = [e for e, module in (("transformers", "peft"), ("mlx", "mlx_lm")) if installed(module)]
-
-
-def rows(vocabulary: int, count: int = 6, seed: int = 3) -> TokenizedSet:
-    """Rows of random tokens and widely varying length, a masked prompt in most."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, 40, size=count)
-    tokens = [rng.integers(0, vocabulary, size=int(n)).tolist() for n in lengths]
-    starts = [int(rng.integers(1, n - 1)) for n in lengths]
-    return TokenizedSet(tokens=tokens, starts=starts, quality=[None] * count)
 
 
 def test_packing_lays_every_row_out_once_with_its_own_positions():
@@ -56,23 +47,6 @@ def test_target_selection_is_padded_to_few_sizes():
     assert (batch.owners[batch.weights == 0] == -1).all()
     sizes = {fast_paths.chunk_size(v) for v in (49_152, 128_256)}
     assert sizes == {682, 261}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny llama whose output layer is its tied embedding (as SmolLM2's)."""
-    from safetensors.torch import load_file, save_file
-
-    from trainer.models import tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_model.build("llama", folder, ["a tiny corpus for a tokenizer"] * 4, seed=2, verify=False)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
-    weights = load_file(folder / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, folder / "model.safetensors",
-              metadata={"format": "pt"})
-    return folder
 
 
 def load(engine: str, folder: Path, config, tmp_path: Path):

@@ -72,6 +72,8 @@ class StageSection(Section):
     learning_rate: float = Field(default=2e-4, gt=0, lt=1)
     batch_size: int = Field(default=4, ge=1)
     warmup_steps: int = Field(default=10, ge=0)
+    method: Literal["sft", "dpo", "orpo"] = "sft"  # dpo and orpo train on preference pairs (engines.preference)
+    beta: float = Field(default=0.1, gt=0, le=10)  # DPO's beta (strength of the pull to the reference), ORPO's lambda
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> StageSection:
@@ -139,6 +141,7 @@ class LoraSection(Section):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     num_layers: int = -1
+    use_dora: bool = False  # DoRA: a learned magnitude per output beside the low-rank direction (both engines)
 
     @field_validator("target_modules")
     @classmethod
@@ -176,6 +179,10 @@ class DatasetSection(Section):
     output_field: str = Field(default="output", min_length=1)
     quality_field: Optional[str] = "quality"
     metadata_field: Optional[str] = "metadata"
+    # preference pairs (a dpo or orpo stage): the prompt (else instruction_field and input_field), two answers
+    prompt_field: str = Field(default="prompt", min_length=1)
+    chosen_field: str = Field(default="chosen", min_length=1)
+    rejected_field: str = Field(default="rejected", min_length=1)
     deduplicate: bool = True
     train_split: float = Field(default=0.8, gt=0, lt=1)
     validation_split: float = Field(default=0.1, gt=0, lt=1)
@@ -196,8 +203,9 @@ class DatasetSection(Section):
         fields = [self.instruction_field, self.input_field, self.system_field, self.output_field,
                   self.quality_field, self.metadata_field]
         named = [f for f in fields if f]
-        if len(named) != len(set(named)):
-            raise ValueError(f"the dataset field names must be distinct, got {named}")
+        if len(named) != len(set(named)) or self.chosen_field == self.rejected_field:
+            raise ValueError(f"the dataset field names must be distinct, got {named + [self.chosen_field]} "
+                             f"and rejected_field {self.rejected_field}")
         return self
 
 
@@ -364,14 +372,6 @@ class FineTuningConfig(Section):
 
 
 # ----------------------------------------------------------------- loading
-
-
-
-
-
-
-
-
 
 
 def load_config(

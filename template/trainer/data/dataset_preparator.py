@@ -143,12 +143,13 @@ class Preparation:
     rows_read: int = 0
 
 
-def collect(config: FineTuningConfig, inputs: list[Path]) -> Preparation:
-    """Read and validate every row of every input file."""
+def collect(config: FineTuningConfig, inputs: list[Path], preference: bool = False) -> Preparation:
+    """Read and validate every row of every input file (as preference pairs with `preference`)."""
     dataset = config.dataset
     result = Preparation()
     seen: dict[str, str] = {}
-    required = [dataset.instruction_field, dataset.output_field]
+    required = [dataset.chosen_field, dataset.rejected_field] if preference else [dataset.instruction_field,
+                                                                                  dataset.output_field]
     for path in inputs:
         if not path.is_file():
             raise DatasetError(f"input file not found: {path}")
@@ -158,7 +159,12 @@ def collect(config: FineTuningConfig, inputs: list[Path]) -> Preparation:
         unit = "row" if fmt == "parquet" else "line"
         columns = columns_of(path, fmt, name)
         has_chat = columns is not None and ("messages" in columns or {"prompt", "completion"} <= set(columns))
-        missing = [c for c in required if columns is not None and c not in columns and not has_chat]
+        if preference and columns is not None and not {dataset.prompt_field, dataset.instruction_field} & set(columns):
+            required_here = [*required, dataset.prompt_field]  # the prompt's column is missing too
+        else:
+            required_here = required
+        has_chat = has_chat and not preference
+        missing = [c for c in required_here if columns is not None and c not in columns and not has_chat]
         if missing:
             for column in missing:
                 result.errors.append(RowError(name, 0, column, f"missing column (columns: {', '.join(columns)})", unit))
@@ -171,7 +177,7 @@ def collect(config: FineTuningConfig, inputs: list[Path]) -> Preparation:
                 continue
             source = f"{name}:{number}"
             try:
-                example = to_example(row, dataset, source)
+                example = to_example(row, dataset, source, preference)
                 to_record(example, dataset.record_format)
             except Rejected as rejected:
                 result.errors.append(RowError(name, number, rejected.field, rejected.reason, unit))
@@ -185,6 +191,14 @@ def collect(config: FineTuningConfig, inputs: list[Path]) -> Preparation:
         result.rows_read += count
         result.inputs.append({"path": name, "format": fmt, "rows": count, "sha256": sha256_file(path)})
     return result
+
+
+def preference_stage(config: FineTuningConfig, stage: int) -> bool:
+    """Whether the stage trains on preference pairs (training.stageN.method dpo or orpo)."""
+    try:
+        return config.training.stage(stage).method != "sft"
+    except ValueError:  # a stage the config does not have: plain rows
+        return False
 
 
 def _display(path: Path, root: Path) -> str:
@@ -218,7 +232,7 @@ def plan(
     out_dir = output_dir or config.resolve(dataset.processed_dir) / ("" if stage == 1 else "stage2")
     out_dir = guard.check_path(out_dir, "the output folder")
     reports_dir = guard.check_path(config.resolve(dataset.reports_dir), "dataset.reports_dir")
-    prepared = collect(config, paths)
+    prepared = collect(config, paths, preference=preference_stage(config, stage))
 
     if prepared.errors and not skip_invalid:
         shown = "\n".join(f"  {e}" for e in prepared.errors[:20])
@@ -258,8 +272,10 @@ def plan(
         "stage": stage,
         "seed": config.training.seed,
         "record_format": dataset.record_format,
+        "preference_pairs": preference_stage(config, stage),
         "fields": {k: getattr(dataset, k) for k in (
-            "instruction_field", "input_field", "system_field", "output_field", "quality_field", "metadata_field")},
+            "instruction_field", "input_field", "system_field", "output_field", "quality_field", "metadata_field",
+            *(("prompt_field", "chosen_field", "rejected_field") if preference_stage(config, stage) else ()))},
         "inputs": prepared.inputs,
         "counts": {
             "rows_read": prepared.rows_read,

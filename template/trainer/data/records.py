@@ -1,6 +1,10 @@
 """One raw row -> one validated example (chat messages, quality score, metadata) -> one
 record in mlx-lm's format, which both engines read. A row that cannot be mapped raises
-Rejected with the field and the reason; the caller adds the file and line."""
+Rejected with the field and the reason; the caller adds the file and line.
+
+A preference pair (for a dpo or orpo stage) is an example whose last message is the chosen
+answer, with the rejected answer beside it: its record is a chat record plus "rejected", so
+the same file also trains SFT on the chosen answers."""
 
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ class Example:
     source: str
     quality: Optional[float] = None
     metadata: Optional[dict[str, Any]] = None
+    rejected: Optional[str] = None  # the rejected answer of a preference pair
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.messages, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps([self.messages, self.rejected], sort_keys=True).encode()).hexdigest()
 
     def prompt_text(self) -> str:
         return "\n".join(m["content"] for m in self.messages if m["role"] != "assistant")
@@ -108,28 +113,48 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return messages
 
 
-def to_example(row: Any, dataset: DatasetSection, source: str) -> Example:
-    """Map one raw row to an Example, or raise Rejected naming the bad field."""
+def _prompt(row: dict[str, Any], dataset: DatasetSection) -> list[dict[str, str]]:
+    """The system and user messages from the configured fields."""
+    instruction = _text(row, dataset.instruction_field, True)
+    extra = _text(row, dataset.input_field, False) if dataset.input_field else None
+    system = _text(row, dataset.system_field, False) if dataset.system_field else None
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def _pair(row: dict[str, Any], dataset: DatasetSection) -> tuple[list[dict[str, str]], str]:
+    """A preference row: the prompt (prompt_field, else the instruction fields), chosen, rejected."""
+    if dataset.prompt_field in row or dataset.instruction_field not in row:
+        system = _text(row, dataset.system_field, False) if dataset.system_field else None
+        prompt = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": _text(row, dataset.prompt_field, True)}]
+    else:
+        prompt = _prompt(row, dataset)
+    chosen = _text(row, dataset.chosen_field, True)
+    rejected = _text(row, dataset.rejected_field, True)
+    if chosen == rejected:
+        raise Rejected(dataset.rejected_field, "the rejected answer is the chosen one; a pair needs two answers")
+    return prompt + [{"role": "assistant", "content": chosen}], rejected
+
+
+def to_example(row: Any, dataset: DatasetSection, source: str, preference: bool = False) -> Example:
+    """Map one raw row to an Example (a preference pair with `preference`), or raise Rejected
+    naming the bad field."""
     if not isinstance(row, dict):
         raise Rejected(None, f"row must be an object, got {type(row).__name__}")
-    if dataset.instruction_field not in row and "messages" in row:
+    rejected = None
+    if preference:
+        messages, rejected = _pair(row, dataset)
+    elif dataset.instruction_field not in row and "messages" in row:
         messages = _messages(row["messages"])
     elif "prompt" in row and "completion" in row and dataset.output_field not in row:
         messages = [{"role": "user", "content": _text(row, "prompt", True)},
                     {"role": "assistant", "content": _text(row, "completion", True)}]
     else:
-        instruction = _text(row, dataset.instruction_field, True)
-        extra = _text(row, dataset.input_field, False) if dataset.input_field else None
-        system = _text(row, dataset.system_field, False) if dataset.system_field else None
-        output = _text(row, dataset.output_field, True)
-        user = f"{instruction}\n\n{extra}" if extra else instruction
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": output},
-        ]
+        messages = _prompt(row, dataset) + [{"role": "assistant", "content": _text(row, dataset.output_field, True)}]
     quality = _quality(row, dataset.quality_field) if dataset.quality_field else None
     metadata = _metadata(row, dataset.metadata_field) if dataset.metadata_field else None
-    return Example(messages=messages, source=source, quality=quality, metadata=metadata)
+    return Example(messages=messages, source=source, quality=quality, metadata=metadata, rejected=rejected)
 
 
 def to_record(example: Example, record_format: str) -> dict[str, Any]:
@@ -145,6 +170,8 @@ def to_record(example: Example, record_format: str) -> dict[str, Any]:
         system = [m["content"] for m in example.messages if m["role"] == "system"]
         if system:
             record["system"] = system[0]
+    if example.rejected is not None:
+        record["rejected"] = example.rejected
     if example.quality is not None:
         record["quality"] = example.quality
     if example.metadata is not None:

@@ -32,20 +32,34 @@ class TokenizedSet:
     starts: list[int] = field(default_factory=list)  # index of the first token that counts in the loss
     quality: list[Optional[float]] = field(default_factory=list)
     dropped: int = 0  # rows whose prompt alone fills max_seq_length
+    # preference pairs: `tokens` holds the chosen answers, these the rejected ones (None: a plain row)
+    rejected: list[Optional[list[int]]] = field(default_factory=list)
+    rejected_starts: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def _rejected(self) -> tuple[list[Optional[list[int]]], list[int]]:
+        missing = len(self) - len(self.rejected)
+        return self.rejected + [None] * missing, self.rejected_starts + [0] * missing
+
     def __add__(self, other: TokenizedSet) -> TokenizedSet:
+        (mine, my_starts), (theirs, their_starts) = self._rejected(), other._rejected()
+        pairs = any(r is not None for r in mine + theirs)
         return TokenizedSet(self.tokens + other.tokens, self.starts + other.starts,
-                            self.quality + other.quality, self.dropped + other.dropped)
+                            self.quality + other.quality, self.dropped + other.dropped,
+                            mine + theirs if pairs else [], my_starts + their_starts if pairs else [])
+
+    def is_pair(self, i: int) -> bool:
+        return i < len(self.rejected) and self.rejected[i] is not None
 
     def token_count(self) -> int:
         return sum(len(t) for t in self.tokens)
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Processed records (chat or completions) from a jsonl file, with errors naming the line."""
+def read_records(path: Path, pairs: bool = False) -> list[dict[str, Any]]:
+    """Processed records (chat or completions; preference pairs with `pairs`) from a jsonl file,
+    with errors naming the line."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     records = []
@@ -61,6 +75,10 @@ def read_records(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}, line {number}: expected a chat ('messages') or completions "
                                 "('prompt', 'completion') record; "
                                 + advice("run scripts/prepare_dataset.py", "run prepare_dataset"))
+            if pairs and not isinstance(record.get("rejected"), str):
+                raise DataError(f"{path}, line {number}: a dpo or orpo stage trains on preference pairs, and this "
+                                "record has no 'rejected' answer; prepare the stage's data with its chosen and "
+                                "rejected fields (dataset.chosen_field, dataset.rejected_field)")
             records.append(record)
     if not records:
         raise DataError(f"{path} has no records")
@@ -79,30 +97,48 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def tokenize(records: list[dict[str, Any]], tokenizer, max_seq_length: int, mask_prompt: bool) -> TokenizedSet:
+def _tokens(tokenizer, messages: list[dict[str, str]], max_seq_length: int,
+            mask_prompt: bool) -> Optional[tuple[list[int], int]]:
+    """The chat-templated tokens and the first one the loss counts; None when truncation leaves
+    nothing to learn from."""
+    full = _encode(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
+    start = 1  # the first token is never a target
+    if mask_prompt:
+        prompt = _encode(tokenizer, tokenizer.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True))
+        shared = 0
+        for a, b in zip(prompt, full, strict=False):  # normally the prompt is a prefix of the whole
+            if a != b:
+                break
+            shared += 1
+        start = max(shared, 1)
+    full = full[:max_seq_length]
+    return (full, start) if start <= len(full) - 1 else None
+
+
+def tokenize(records: list[dict[str, Any]], tokenizer, max_seq_length: int, mask_prompt: bool,
+             pairs: bool = False) -> TokenizedSet:
     """Chat-template each record; the loss covers the last assistant turn (or everything
-    when mask_prompt is off). Rows longer than max_seq_length are truncated."""
+    when mask_prompt is off). Rows longer than max_seq_length are truncated. With `pairs`,
+    each record is a preference pair (the rejected answer in place of the last turn; the
+    prompt is always masked, the preference is about the answers) and a pair is dropped whole."""
     out = TokenizedSet()
     for record in records:
         messages = messages_of(record)
-        full = _encode(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
-        start = 1  # the first token is never a target
-        if mask_prompt:
-            prompt = _encode(tokenizer, tokenizer.apply_chat_template(
-                messages[:-1], tokenize=False, add_generation_prompt=True))
-            shared = 0
-            for a, b in zip(prompt, full, strict=False):  # normally the prompt is a prefix of the whole
-                if a != b:
-                    break
-                shared += 1
-            start = max(shared, 1)
-        full = full[:max_seq_length]
-        if start > len(full) - 1:  # nothing left to learn from after truncation
+        chosen = _tokens(tokenizer, messages, max_seq_length, mask_prompt or pairs)
+        rejected = None
+        if pairs:
+            other = messages[:-1] + [{"role": "assistant", "content": record["rejected"]}]
+            rejected = _tokens(tokenizer, other, max_seq_length, True)
+        if chosen is None or (pairs and rejected is None):
             out.dropped += 1
             continue
-        out.tokens.append(full)
-        out.starts.append(start)
+        out.tokens.append(chosen[0])
+        out.starts.append(chosen[1])
         out.quality.append(record.get("quality"))
+        if rejected is not None:
+            out.rejected.append(rejected[0])
+            out.rejected_starts.append(rejected[1])
     return out
 
 

@@ -151,7 +151,8 @@ class MLXBackend(Backend):
                                 f"model's blocks; linear layers: {lora_keys(model.layers[-1], [''])}")
         self.lora_config = {"rank": lora.rank, "scale": lora.scale, "dropout": lora.dropout, "keys": keys}
         self.num_layers = num_layers
-        linear_to_lora_layers(model, num_layers, self.lora_config)
+        self.fine_tune_type = "dora" if lora.use_dora else "lora"
+        linear_to_lora_layers(model, num_layers, self.lora_config, use_dora=lora.use_dora)
         if init_from is not None:
             model.load_weights(str(init_from / "adapters.safetensors"), strict=False)
         if gradient_checkpointing:
@@ -232,7 +233,8 @@ class MLXBackend(Backend):
         folder.mkdir(parents=True, exist_ok=True)
         weights = dict(tree_flatten(self.model.trainable_parameters()))
         mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
-        config = {"fine_tune_type": "lora", "num_layers": self.num_layers, "lora_parameters": self.lora_config}
+        config = {"fine_tune_type": self.fine_tune_type, "num_layers": self.num_layers,
+                  "lora_parameters": self.lora_config}
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def save_state(self, folder: Path) -> None:

@@ -111,7 +111,7 @@ class TransformersBackend(Backend):
     def add_adapters(self, lora: LoraSection, gradient_checkpointing: bool, init_from: Optional[Path]) -> int:
         layers = self.model.config.num_hidden_layers
         last = None if lora.num_layers == -1 else list(range(max(0, layers - lora.num_layers), layers))
-        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
                             target_modules=lora.target_modules, layers_to_transform=last, task_type="CAUSAL_LM")
         if gradient_checkpointing:
             options = {"use_reentrant": False}

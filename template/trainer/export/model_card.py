@@ -35,7 +35,8 @@ def _stages(manifest: dict[str, Any], stage: int) -> list[str]:
         lines.append(f"| {number} | {lineage.get(number, '')} | {entry['iterations']} | {entry['learning_rate']} | "
                      f"{entry['batch_size']} | {train.get('rows', '')} | `{train.get('sha256', '')}` |")
     lora = config.get("lora", {})
-    lines += ["", f"LoRA: rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
+    kind = "DoRA" if lora.get("use_dora") else "LoRA"
+    lines += ["", f"{kind}: rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
                   f"target modules {', '.join(lora.get('target_modules', []))}, layers {lora.get('num_layers')} "
                   "(-1 = all).", ""]
     training = config.get("training", {})

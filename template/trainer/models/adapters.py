@@ -10,6 +10,8 @@ peft (transformers) and mlx-lm store the same update, W' = W + scale * B @ A, di
             adapter_config.json        num_layers, lora_parameters {rank, scale, dropout, keys}
 
 where <path> is the layer's module path in the Hugging Face model (model.layers.3.self_attn.q_proj).
+DoRA adds a magnitude per output feature, the same vector in both: peft's
+<path>.lora_magnitude_vector (use_dora in its config), mlx-lm's <path>.m (fine_tune_type dora).
 Reading and writing need only numpy, so either engine's install can convert.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ class LoraWeights:
     scale: float
     dropout: float
     source_format: str
+    magnitudes: dict[str, np.ndarray] = field(default_factory=dict)  # DoRA's, per adapted layer (else empty)
 
     def block_keys(self) -> list[str]:
         """Module paths inside a transformer block (self_attn.q_proj), as mlx-lm's `keys`."""
@@ -96,6 +99,8 @@ def read(folder: Path) -> LoraWeights:
             path = name.split(".lora_A.")[0].removeprefix(PEFT_PREFIX)
             b = tensors[name.replace(".lora_A.", ".lora_B.")]
             layers[path] = (a, b)
+        magnitudes = {name.split(".lora_magnitude_vector")[0].removeprefix(PEFT_PREFIX): m
+                      for name, m in tensors.items() if ".lora_magnitude_vector" in name}
         rank = int(config["r"])
         alpha = float(config["lora_alpha"])
         scale = alpha / (rank ** 0.5) if config.get("use_rslora") else alpha / rank
@@ -107,6 +112,7 @@ def read(folder: Path) -> LoraWeights:
                 continue
             path = name.removesuffix(".lora_a")
             layers[path] = (a.T.copy(), tensors[path + ".lora_b"].T.copy())
+        magnitudes = {name.removesuffix(".m"): m for name, m in tensors.items() if name.endswith(".m")}
         parameters = config["lora_parameters"]
         rank, scale = int(parameters["rank"]), float(parameters["scale"])
         dropout = float(parameters.get("dropout", 0.0))
@@ -115,7 +121,9 @@ def read(folder: Path) -> LoraWeights:
     outside = [path for path in layers if not LAYER.match(path)]
     if outside:
         raise AdapterError(f"{folder}: adapted layers outside the transformer blocks are not supported: {outside[:3]}")
-    return LoraWeights(layers, rank, scale, dropout, kind)
+    if magnitudes and set(magnitudes) != set(layers):
+        raise AdapterError(f"{folder}: DoRA magnitudes for {len(magnitudes)} of {len(layers)} adapted layers")
+    return LoraWeights(layers, rank, scale, dropout, kind, magnitudes)
 
 
 def _save(tensors: dict[str, np.ndarray], path: Path) -> None:
@@ -131,13 +139,15 @@ def write_peft(weights: LoraWeights, folder: Path, base_model: str) -> None:
     for path, (a, b) in weights.layers.items():
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b
+    for path, m in weights.magnitudes.items():
+        tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = m
     _save(tensors, folder / PEFT_WEIGHTS)
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": weights.rank, "lora_alpha": weights.scale * weights.rank, "lora_dropout": weights.dropout,
         "target_modules": sorted({key.split(".")[-1] for key in weights.block_keys()}),
         "layers_to_transform": weights.layer_indices(), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "inference_mode": True,
+        "use_rslora": False, "use_dora": bool(weights.magnitudes), "inference_mode": True,
     }
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -159,8 +169,10 @@ def write_mlx(weights: LoraWeights, folder: Path, total_layers: int) -> None:
     for path, (a, b) in weights.layers.items():
         tensors[f"{path}.lora_a"] = a.T
         tensors[f"{path}.lora_b"] = b.T
+    for path, m in weights.magnitudes.items():
+        tensors[f"{path}.m"] = m
     _save(tensors, folder / MLX_WEIGHTS)
-    config = {"fine_tune_type": "lora", "num_layers": len(indices),
+    config = {"fine_tune_type": "dora" if weights.magnitudes else "lora", "num_layers": len(indices),
               "lora_parameters": {"rank": weights.rank, "scale": weights.scale, "dropout": weights.dropout,
                                   "keys": keys}}
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
