@@ -202,6 +202,11 @@ class Batch:
     tokens: int  # real (unpadded) tokens in the batch
     positions: Optional[np.ndarray] = None
     owners: Optional[np.ndarray] = None  # per `select` entry, its row's place in the batch (-1: padding)
+    # preference batches (collate_pairs): rows 0..pairs-1 are the chosen answers, pairs..2*pairs-1 the
+    # rejected ones in the same order, any later rows plain (replay); `reference` holds the reference
+    # model's log-probabilities of the 2*pairs answers
+    pairs: int = 0
+    reference: Optional[np.ndarray] = None
 
     @property
     def targets(self) -> int:
@@ -274,6 +279,24 @@ def collate(data: TokenizedSet, indices, pad_id: int, multiple: int = 1, packed:
                  labels=np.array(labels + [pad_id] * (size - count), dtype=np.int32), weights=weights,
                  tokens=sum(len(r) for r in rows), positions=positions,
                  owners=np.array(owners + [-1] * (size - count), dtype=np.int32))
+
+
+def collate_pairs(data: TokenizedSet, indices, pad_id: int, multiple: int = 1, packed: bool = False,
+                  reference: Optional[np.ndarray] = None) -> Batch:
+    """A preference batch: the chosen answers of the pairs among `indices`, their rejected
+    answers, then the plain rows (replay); `reference` [len(data), 2] gives each pair's
+    reference log-probabilities (chosen, rejected)."""
+    pairs = [i for i in indices if data.is_pair(i)]
+    plain = [i for i in indices if not data.is_pair(i)]
+    rows = TokenizedSet(tokens=[data.tokens[i] for i in pairs] + [data.rejected[i] for i in pairs]
+                        + [data.tokens[i] for i in plain],
+                        starts=[data.starts[i] for i in pairs] + [data.rejected_starts[i] for i in pairs]
+                        + [data.starts[i] for i in plain])
+    batch = collate(rows, range(len(rows)), pad_id, multiple, packed)
+    batch.pairs = len(pairs)
+    if reference is not None:
+        batch.reference = np.concatenate([reference[pairs, 0], reference[pairs, 1]]).astype(np.float32)
+    return batch
 
 
 def eval_rows(data: TokenizedSet, batch_size: int, max_batches: int) -> list[np.ndarray]:

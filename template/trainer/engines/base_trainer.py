@@ -22,14 +22,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trainer.config import LoraSection, TrainingSection
-from trainer.data.training_data import Batch, Sampler, TokenizedSet, collate, eval_rows
+from trainer.data.training_data import Batch, Sampler, TokenizedSet, collate, collate_pairs, eval_rows
+from trainer.engines import preference
+from trainer.engines.checkpoints import (  # noqa: F401  (re-exported: they were here)
+    CHECKPOINT_PREFIX,
+    KEEP_CHECKPOINTS,
+    checkpoint_dirs,
+    prune_incomplete,
+    save_checkpoint,
+)
 from trainer.engines.distributed import World
 from trainer.errors import ProjectError, advice
-from trainer.files import TEMP_PREFIX, read_json, sha256_file, write_json
+from trainer.files import TEMP_PREFIX
 from trainer.observe.callbacks import TrainingCallback
-
-CHECKPOINT_PREFIX = "iter-"
-KEEP_CHECKPOINTS = 2
 
 # end-of-turn tokens of the common chat templates (ChatML, Llama 3, Phi, Gemma, OLMo 2 uses EOS)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
@@ -68,6 +73,9 @@ class Backend(ABC):
     world: World = World()  # the processes training together (data parallel)
     target_only: bool = False  # logits only at target positions (fast_paths.check turns it on)
     chunk: int = 1024  # target positions per output-layer chunk
+    method: str = "sft"  # or dpo, orpo (trainer.engines.preference), with beta
+    beta: float = 0.1
+    stats: dict[str, float] = {}  # a preference step's statistics (preference.STATS)
 
     @abstractmethod
     def load(self, source: str, quantization: str, cache_dir: Path) -> dict[str, Any]:
@@ -88,6 +96,14 @@ class Backend(ABC):
         averaged over the ranks) when `update`. The loss is the batch's summed target-token
         loss / `denominator` (default: its target count) / `accumulation`. Returns the loss
         before the division by `accumulation`."""
+
+    def row_logps(self, batch: Batch) -> list[float]:
+        """Summed log-probabilities of each row's targets (owner order); no gradients."""
+        raise TrainingError(f"the {self.name} backend does not train on preference pairs")
+
+    def preference_sums(self, batches: list[Batch]) -> dict[str, float]:
+        """Summed preference statistics (preference.STATS) of `batches`; no gradients."""
+        raise TrainingError(f"the {self.name} backend does not train on preference pairs")
 
     @abstractmethod
     def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:
@@ -170,59 +186,6 @@ def learning_rate(iteration: int, peak: float, warmup: int, total: int, schedule
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ----------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first. A checkpoint is complete when its
-    checkpoint.json exists and every file it lists has the recorded hash; anything else
-    (a directory a killed writer left, a truncated file) is ignored."""
-    found = []
-    if not folder.is_dir():
-        return found
-    for path in folder.iterdir():
-        if not path.name.startswith(CHECKPOINT_PREFIX) or not path.is_dir():
-            continue
-        try:
-            index = read_json(path / "checkpoint.json")
-            if all(sha256_file(path / name) == digest for name, digest in index["files"].items()):
-                found.append((int(index["iteration"]), path))
-        except (OSError, ValueError, KeyError):
-            continue
-    return sorted(found)
-
-
-def prune_incomplete(folder: Path) -> list[Path]:
-    """Remove checkpoint directories that are not complete (see checkpoint_dirs)."""
-    complete = {path for _, path in checkpoint_dirs(folder)}
-    removed = []
-    for path in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*")) if folder.is_dir() else []:
-        if path.is_dir() and path not in complete:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def save_checkpoint(backend: Backend, folder: Path, iteration: int, extra: dict[str, Any]) -> Path:
-    """Write into a temp directory, list every file with its hash last, then rename:
-    a checkpoint directory either is complete or does not exist."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{CHECKPOINT_PREFIX}{iteration:07d}"
-    tmp = folder / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    backend.save_adapter(tmp / "adapter")
-    backend.save_state(tmp)
-    write_json(tmp / "state.json", {"iteration": iteration, **extra})
-    files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    write_json(tmp / "checkpoint.json", {"iteration": iteration, "files": files})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for _, old in checkpoint_dirs(folder)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 # ----------------------------------------------------------------- the loop
 
 
@@ -245,6 +208,9 @@ class StagePlan:
     checkpoint_dir: Path
     adapter_dir: Path
     packed: bool = False  # rows share sequences (collate)
+    method: str = "sft"  # dpo, orpo: preference pairs, with each pair's reference log-probabilities
+    reference: Optional[Any] = None
+    valid_reference: Optional[Any] = None
     start_iteration: int = 0
     stop_requested: Callable[[], bool] = lambda: False
     callbacks: list[TrainingCallback] = field(default_factory=list)
@@ -273,21 +239,35 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
     world = backend.world
     result = StageResult(iterations=plan.iterations,
                          resumed_from=plan.start_iteration or None)
+    pairs = plan.method != "sft"
+
+    def layout(data: TokenizedSet, rows, reference) -> Batch:
+        if pairs:
+            return collate_pairs(data, rows, backend.pad_id, backend.pad_multiple, plan.packed, reference)
+        return collate(data, rows, backend.pad_id, backend.pad_multiple, plan.packed)
+
     valid = []  # this rank's share of each validation batch, collated once for every evaluation
     for rows in eval_rows(plan.valid, plan.batch_size, plan.val_batches):
         mine, weight = world.shard(rows), 1
         if not len(mine):  # a short last batch: run a row anyway, FSDP gathers weights in every forward
             mine, weight = rows[:1], 0
-        valid.append((collate(plan.valid, mine, backend.pad_id, backend.pad_multiple, plan.packed), weight))
+        valid.append((layout(plan.valid, mine, plan.valid_reference), weight))
     started = time.perf_counter()
 
-    def validate() -> float:
+    def validate() -> tuple[float, dict[str, float]]:
+        if pairs:
+            sums = dict.fromkeys(preference.STATS, 0.0)
+            for batch, weight in valid:
+                for key, value in backend.preference_sums([batch]).items():
+                    sums[key] += weight * value
+            sums = dict(zip(preference.STATS, world.sum([sums[k] for k in preference.STATS]), strict=True))
+            return preference.loss(sums), preference.report(sums)
         total, count = 0.0, 0
         for batch, weight in valid:
             loss_sum, tokens = backend.loss_sums([batch])
             total, count = total + weight * loss_sum, count + weight * tokens
         total, count = world.sum([total, count])
-        return total / max(count, 1)
+        return total / max(count, 1), {}
 
     def report(kind: str, iteration: int, **values: Any) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
@@ -303,21 +283,29 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
         return info
 
     if plan.start_iteration == 0 and valid:
-        result.val_loss_before = validate()
-        report("val", 0, val_loss=result.val_loss_before, train_loss=None)
+        result.val_loss_before, extra = validate()
+        report("val", 0, val_loss=result.val_loss_before, train_loss=None, **extra)
 
-    lengths = [len(row) for row in plan.train.tokens]
+    train = plan.train
+    lengths = [len(row) + (len(train.rejected[i]) if train.is_pair(i) else 0) for i, row in enumerate(train.tokens)]
+    targets_of = [len(row) - train.starts[i] + (len(train.rejected[i]) - train.rejected_starts[i]
+                                                if train.is_pair(i) else 0) for i, row in enumerate(train.tokens)]
     window_loss, window_steps, window_tokens, window_time, window_targets = 0.0, 0, 0, 0.0, 0
+    window_stats = dict.fromkeys(preference.STATS, 0.0)
     for iteration in range(plan.start_iteration + 1, plan.iterations + 1):
         lr = learning_rate(iteration, plan.learning_rate, plan.warmup_steps, plan.iterations, plan.schedule)
         tic = time.perf_counter()
         loss = 0.0
         for micro in range(plan.accumulation):
             rows = plan.sampler.batch(iteration, micro)  # the global batch: the same on every rank
-            targets = sum(lengths[i] - plan.train.starts[i] for i in rows)
-            batch = collate(plan.train, world.shard(rows), backend.pad_id, backend.pad_multiple, plan.packed)
+            targets = sum(targets_of[i] for i in rows)
+            batch = layout(train, world.shard(rows), plan.reference)
+            denominator = (preference.denominators(plan.method, train, rows, world.size) if pairs
+                           else targets / world.size)
             loss += backend.step(batch, lr, plan.accumulation, update=micro == plan.accumulation - 1,
-                                 denominator=targets / world.size)
+                                 denominator=denominator)
+            for key, value in backend.stats.items() if pairs else ():
+                window_stats[key] += value
             window_tokens += sum(lengths[i] for i in rows)
             window_targets += targets
         loss /= plan.accumulation
@@ -343,15 +331,20 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
         if iteration % plan.log_steps == 0 or last:
             result.train_loss = window_loss / window_steps
             tps = window_tokens / window_time if window_time > 0 else 0.0
+            extra = {}
+            if pairs:
+                extra = preference.report(dict(zip(preference.STATS, world.sum(
+                    [window_stats[k] for k in preference.STATS]), strict=True)))
+                window_stats = dict.fromkeys(preference.STATS, 0.0)
             report("train", iteration, train_loss=result.train_loss, tokens_per_second=round(tps, 2),
-                   tokens=window_tokens, target_tokens=window_targets)
+                   tokens=window_tokens, target_tokens=window_targets, **extra)
             result.tokens += window_tokens
             result.target_tokens += window_targets
             result.seconds += window_time
             window_loss, window_steps, window_tokens, window_time, window_targets = 0.0, 0, 0, 0.0, 0
         if valid and (iteration % plan.eval_steps == 0 or last):
-            result.val_loss = validate()
-            report("val", iteration, val_loss=result.val_loss, train_loss=None)
+            result.val_loss, extra = validate()
+            report("val", iteration, val_loss=result.val_loss, train_loss=None, **extra)
         if iteration % plan.save_steps == 0 or last or stopping:
             backend.gather()
             if world.main:

@@ -28,6 +28,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from trainer.config import LoraSection, TrainingSection
 from trainer.data.training_data import Batch
+from trainer.engines import preference
 from trainer.engines.base_trainer import Backend, TrainingError, process_peak_memory_gb
 from trainer.engines.distributed import MLXWorld, World
 from trainer.files import TEMP_PREFIX
@@ -85,34 +86,48 @@ def output_layer(model: nn.Module):
 
 
 def target_loss(head, hidden: mx.array, labels: mx.array, weights: mx.array, chunk: int) -> mx.array:
-    """Summed weighted cross-entropy of `head(hidden)`, `chunk` positions at a time; with more
-    than one chunk each is recomputed in the backward pass (mx.checkpoint) instead of kept."""
+    """Weighted cross-entropy of `head(hidden)` per position, `chunk` positions at a time; with
+    more than one chunk each is recomputed in the backward pass (mx.checkpoint) instead of kept."""
 
     def part(h, y, w):
-        return (nn.losses.cross_entropy(head(h).astype(mx.float32), y) * w).sum()
+        return nn.losses.cross_entropy(head(h).astype(mx.float32), y) * w
 
     if hidden.shape[0] <= chunk:
         return part(hidden, labels, weights)
-    total = mx.array(0.0)
+    parts = []
     for i in range(0, hidden.shape[0], chunk):
         y, w = labels[i:i + chunk], weights[i:i + chunk]  # captured: no gradient w.r.t. the labels
-        total = total + mx.checkpoint(lambda h, y=y, w=w: part(h, y, w))(hidden[i:i + chunk])
-    return total
+        parts.append(mx.checkpoint(lambda h, y=y, w=w: part(h, y, w))(hidden[i:i + chunk]))
+    return mx.concatenate(parts)
 
 
-def masked_loss(model: nn.Module, ids: mx.array, select: mx.array, labels: mx.array, weights: mx.array,
-                target_only: bool = False, chunk: int = 1024) -> tuple[mx.array, mx.array]:
-    """Summed cross-entropy over the batch's target positions (Batch.select), and their count:
-    with `target_only` the output layer runs at those positions only."""
+def token_ce(model: nn.Module, ids: mx.array, select: mx.array, labels: mx.array, weights: mx.array,
+             target_only: bool = False, chunk: int = 1024) -> mx.array:
+    """Weighted cross-entropy at each of the batch's target positions (Batch.select): with
+    `target_only` the output layer runs at those positions only."""
     inputs = ids[:, :-1]
     if target_only:
         hidden = model.model(inputs)
         hidden = hidden.reshape(-1, hidden.shape[-1])[select]
-        return target_loss(output_layer(model), hidden, labels, weights, chunk), weights.sum()
+        return target_loss(output_layer(model), hidden, labels, weights, chunk)
     logits = model(inputs)
     logits = logits.reshape(-1, logits.shape[-1])[select]
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), labels) * weights
-    return ce.sum(), weights.sum()
+    return nn.losses.cross_entropy(logits.astype(mx.float32), labels) * weights
+
+
+def masked_loss(model: nn.Module, ids: mx.array, select: mx.array, labels: mx.array, weights: mx.array,
+                target_only: bool = False, chunk: int = 1024) -> tuple[mx.array, mx.array]:
+    """Summed cross-entropy over the batch's target positions, and their count."""
+    return token_ce(model, ids, select, labels, weights, target_only, chunk).sum(), weights.sum()
+
+
+OPS = preference.Ops(logsigmoid=nn.log_sigmoid, log1mexp=lambda x: mx.log(-mx.expm1(x)),
+                     greater=lambda a, b: (a > b).astype(mx.float32), total=mx.sum)
+
+
+def row_sums(values: mx.array, owners: mx.array, row_ids: mx.array) -> mx.array:
+    """Per row of the batch (row_ids = arange(rows)), the sum of `values` over its positions."""
+    return values @ (owners[:, None] == row_ids[None, :]).astype(values.dtype)
 
 
 class MLXBackend(Backend):
@@ -176,17 +191,49 @@ class MLXBackend(Backend):
             (loss, _), grad = value_and_grad(model, ids, select, labels, weights, denominator)
             return loss, tree_map(lambda g: g / accumulation, grad)
 
-        # compiled once the fast-path check has set target_only (the flag is baked into the graph)
-        self._compile = lambda: partial(mx.compile, inputs=state, outputs=state)(micro_step)
+        def preference_loss(model, ids, select, labels, weights, owners, row_ids, reference, nll_mask, pairs, tokens):
+            pair_loss, nll, stats = self._preference(model, ids, select, labels, weights, owners, row_ids,
+                                                     reference, nll_mask)
+            return pair_loss / pairs + nll / tokens, *[stats[k] for k in preference.STATS if k in stats]
+
+        preference_grad = nn.value_and_grad(model, preference_loss)
+
+        def preference_step(*arrays):
+            *inputs, accumulation = arrays
+            (loss, *stats), grad = preference_grad(model, *inputs)
+            return loss, tree_map(lambda g: g / accumulation, grad), stats
+
+        # compiled once the fast-path check has set target_only (flags are baked into the graph)
+        self._compile = lambda: partial(mx.compile, inputs=state, outputs=state)(
+            micro_step if self.method == "sft" else preference_step)
         self._step = None
 
+    def _preference(self, model, ids, select, labels, weights, owners, row_ids, reference, nll_mask):
+        ce = token_ce(model, ids, select, labels, weights, self.target_only, self.chunk)
+        logps, counts = -row_sums(ce, owners, row_ids), row_sums(weights, owners, row_ids)
+        return preference.objective(OPS, self.method, self.beta, reference.shape[0] // 2, reference, logps, counts,
+                                    ce, nll_mask)
+
+    def _preference_arrays(self, batch: Batch) -> tuple[mx.array, ...]:
+        rows = int(batch.owners.max()) + 1
+        reference = batch.reference if batch.reference is not None else np.zeros(2 * batch.pairs, np.float32)
+        return (*self._arrays(batch), mx.array(batch.owners), mx.arange(rows), mx.array(reference),
+                mx.array(preference.nll_rows(self.method, batch)))
+
     def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool,
-             denominator: float | None = None) -> float:
+             denominator: Any = None) -> float:
         if self._step is None:
             self._step = self._compile()
-        denominator = float(batch.targets if denominator is None else denominator)
-        loss, grad = self._step(*self._arrays(batch), mx.array(denominator, dtype=mx.float32),
-                                mx.array(accumulation, dtype=mx.float32))
+        scale = mx.array(accumulation, dtype=mx.float32)
+        if self.method == "sft":
+            denominator = float(batch.targets if denominator is None else denominator)
+            loss, grad = self._step(*self._arrays(batch), mx.array(denominator, dtype=mx.float32), scale)
+        else:
+            pairs, tokens = denominator or (max(batch.pairs, 1), 1.0)
+            loss, grad, stats = self._step(*self._preference_arrays(batch), mx.array(pairs, dtype=mx.float32),
+                                           mx.array(tokens, dtype=mx.float32), scale)
+            names = [k for k in preference.STATS if k not in ("pair_loss", "pairs", "nll", "nll_tokens")]
+            self.stats = {k: float(v.item()) for k, v in zip(names, stats, strict=False)} | {"pairs": batch.pairs}
         if self._grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, self._grad)
         if update:
@@ -202,6 +249,28 @@ class MLXBackend(Backend):
             self._grad = grad
             mx.eval(grad, loss)
         return float(loss.item())
+
+    def row_logps(self, batch: Batch) -> list[float]:
+        training = self.model.training
+        self.model.eval()
+        ce = token_ce(self.model, *self._arrays(batch), self.target_only, self.chunk)
+        sums = -row_sums(ce, mx.array(batch.owners), mx.arange(int(batch.owners.max()) + 1))
+        self.model.train(training)
+        return sums.tolist()
+
+    def preference_sums(self, batches: list[Batch]) -> dict[str, float]:
+        training = self.model.training
+        self.model.eval()
+        sums = dict.fromkeys(preference.STATS, 0.0)
+        for batch in batches:
+            arrays = self._preference_arrays(batch)
+            pair_loss, nll, stats = self._preference(self.model, *arrays)
+            for key, value in {**stats, "pair_loss": pair_loss, "nll": nll}.items():
+                sums[key] += float(value.item()) if isinstance(value, mx.array) else float(value)
+            sums["pairs"] += batch.pairs
+            sums["nll_tokens"] += float(arrays[-1].sum().item())
+        self.model.train(training)
+        return sums
 
     def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:
         training = self.model.training  # during training it goes back to training; after, it stays in eval

@@ -21,7 +21,7 @@ import numpy as np
 from trainer.config import FineTuningConfig
 from trainer.data.training_data import Sampler, quality_weights, read_records, tokenize
 from trainer.data.weighting import summary as weighting_summary
-from trainer.engines import distributed, fast_paths
+from trainer.engines import distributed, fast_paths, preference
 from trainer.engines.backends import (  # noqa: F401  (engines, installed: re-exported, they were here)
     cuda_available,
     engines,
@@ -40,7 +40,7 @@ from trainer.engines.base_trainer import (
 )
 from trainer.engines.recorder import EmissionsProbe, Follower, Progress, RunRecorder
 from trainer.errors import advice
-from trainer.files import TEMP_PREFIX, Reserve, write_json
+from trainer.files import TEMP_PREFIX, Reserve, sha256_file, write_json
 from trainer.observe import emissions
 from trainer.observe.callbacks import TrainingCallback  # noqa: F401  (re-exported, it was here)
 from trainer.observe.emissions import StageEmissions
@@ -244,12 +244,15 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
             raise RunError(f"stage 2 needs the stage-1 adapter, and {parent} has none; train stage 1 first",
                            details={"stage": 2})
     trainable = backend.add_adapters(config.lora, training.gradient_checkpointing, parent)
+    backend.method, backend.beta = section.method, section.beta
     backend.setup_optimizer(training)
     layout = fast_paths.check(backend, training.packing)
 
     def load(split: str, stage_dir: str = key):
         path = run_dir / stage_dir / "training-data" / f"{split}.jsonl"
-        return tokenize(read_records(path), backend.tokenizer, training.max_seq_length, training.mask_prompt)
+        pairs = training.stage(int(stage_dir.removeprefix("stage"))).method != "sft"
+        return tokenize(read_records(path, pairs), backend.tokenizer, training.max_seq_length, training.mask_prompt,
+                        pairs)
 
     train, valid = load("train"), load("valid")
     if not len(train):
@@ -271,6 +274,17 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
     weights = weighting_summary(train.quality[: len(train) - replay_rows], training.quality_weight_multiplier,
                                 training.quality_threshold, training.quality_weighting)
 
+    reference = valid_reference = None
+    if section.method == "dpo":  # the model as the stage starts, before a checkpoint is loaded
+        files = [run_dir / key / "training-data" / f"{split}.jsonl" for split in ("train", "valid")]
+        fingerprint = ":".join([sha256_file(f) for f in files] + [str(x) for x in (parent, training.max_seq_length,
+                                                                                    len(train))])
+        both = train + valid
+        logps = preference.reference_logps(backend, both, section.batch_size, training.packing,
+                                           run_dir / key / "reference_logps.json", fingerprint)
+        reference, valid_reference = logps[:len(train)], logps[len(train):]
+        log.info("stage %s: reference log-probabilities of %s pairs", number, len(both))
+
     start = 0
     if world.main:
         for path in prune_incomplete(run_dir / key / "checkpoints"):
@@ -289,6 +303,7 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
                                                                **backend.versions()},
         "seed": training.seed, "hardware": hardware(), "base_model": facts, "trainable_parameters": trainable,
         "lora": config.lora.model_dump() | {"scale": config.lora.scale},
+        "method": {"name": section.method, "beta": section.beta} if section.method != "sft" else {"name": "sft"},
         "data": entry["data"], "rows": {"train": len(train) - replay_rows, "replay": replay_rows,
                                         "valid": len(valid), "dropped_too_long": train.dropped + valid.dropped},
         "weighting": weights, "parent_adapter": entry["parent_adapter"], "resumed_from": start or None,
@@ -306,6 +321,7 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
         accumulation=training.gradient_accumulation_steps, batch_size=section.batch_size,
         log_steps=training.log_steps, eval_steps=training.eval_steps, save_steps=training.save_steps,
         val_batches=training.val_batches, packed=training.packing, checkpoint_dir=run_dir / key / "checkpoints",
+        method=section.method, reference=reference, valid_reference=valid_reference,
         adapter_dir=run_dir / key / "adapters", start_iteration=start, stop_requested=stop,
         callbacks=[recorder, Progress(number, quiet), tracking] if world.main else [],
     )

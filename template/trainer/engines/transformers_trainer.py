@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.config import LoraSection, TrainingSection
 from trainer.data.training_data import Batch
+from trainer.engines import preference
 from trainer.engines.base_trainer import Backend, TrainingError, process_peak_memory_gb
 from trainer.engines.distributed import TorchWorld, World
 
@@ -47,21 +48,28 @@ def quantization_error(quantization: str) -> TrainingError:
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-    return (F.cross_entropy(head(hidden).float(), labels, reduction="none") * weights).sum()
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none") * weights
 
 
 def target_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
                 chunk: int) -> torch.Tensor:
-    """Summed weighted cross-entropy of `head(hidden)` against `labels`, `chunk` positions at a
-    time. With more than one chunk each is recomputed in the backward pass instead of kept, so
-    at most one chunk's logits ([chunk, vocabulary]) exist at any time."""
+    """Weighted cross-entropy of `head(hidden)` against `labels` per position, `chunk` positions
+    at a time. With more than one chunk each is recomputed in the backward pass instead of kept,
+    so at most one chunk's logits ([chunk, vocabulary]) exist at any time."""
     if hidden.shape[0] <= chunk:
         return _chunk_loss(head, hidden, labels, weights)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], chunk):
-        part = slice(i, i + chunk)
-        total = total + checkpoint(_chunk_loss, head, hidden[part], labels[part], weights[part], use_reentrant=False)
-    return total
+    return torch.cat([checkpoint(_chunk_loss, head, hidden[i:i + chunk], labels[i:i + chunk], weights[i:i + chunk],
+                                 use_reentrant=False) for i in range(0, hidden.shape[0], chunk)])
+
+
+OPS = preference.Ops(logsigmoid=F.logsigmoid, log1mexp=lambda x: torch.log(-torch.expm1(x)),
+                     greater=lambda a, b: (a > b).float(), total=torch.sum)
+
+
+def row_sums(values: torch.Tensor, owners: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per row of the batch, the sum of `values` over its positions (padding's owner is -1)."""
+    return torch.zeros(rows, dtype=values.dtype, device=values.device).index_add(
+        0, owners.clamp(min=0), values * (owners >= 0))
 
 
 class TransformersBackend(Backend):
@@ -153,10 +161,11 @@ class TransformersBackend(Backend):
         return StateDictOptions(full_state_dict=distributed, cpu_offload=distributed, ignore_frozen_params=True,
                                 strict=False)
 
-    def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over the batch's target positions, and their count. The output
-        layer runs on those positions only, in chunks (target_loss), unless the check at the
-        start found that this model's logits are more than its output layer (then all of them)."""
+    def _token_ce(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy at each of the batch's target positions (Batch.select; 0 for padding),
+        and their weights. The output layer runs on those positions only, in chunks
+        (target_loss), unless the check at the start found that this model's logits are more
+        than its output layer (then on all of them)."""
         ids = torch.from_numpy(batch.ids).long().to(self.device)
         select = torch.from_numpy(batch.select).long().to(self.device)
         labels = torch.from_numpy(batch.labels).long().to(self.device)
@@ -170,7 +179,7 @@ class TransformersBackend(Backend):
         if not self.target_only:
             logits = self.model(**kwargs).logits
             flat = logits.reshape(-1, logits.shape[-1]).index_select(0, select)
-            return (F.cross_entropy(flat.float(), labels, reduction="none") * weights).sum(), weights.sum()
+            return F.cross_entropy(flat.float(), labels, reduction="none") * weights, weights
         head = self._base().get_output_embeddings()
         seen: dict[str, torch.Tensor] = {}
 
@@ -185,12 +194,44 @@ class TransformersBackend(Backend):
             handle.remove()
         hidden = seen["hidden"]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, select)
-        return target_loss(head, hidden, labels, weights, self.chunk), weights.sum()
+        return target_loss(head, hidden, labels, weights, self.chunk), weights
+
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over the batch's target positions, and their count."""
+        ce, weights = self._token_ce(batch)
+        return ce.sum(), weights.sum()
+
+    def _preference(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Summed pair losses and NLL of a preference batch (trainer.engines.preference), and its statistics."""
+        ce, weights = self._token_ce(batch)
+        owners = torch.from_numpy(batch.owners).long().to(self.device)
+        rows = int(batch.owners.max()) + 1
+        logps, counts = -row_sums(ce, owners, rows), row_sums(weights, owners, rows)
+        mask = torch.from_numpy(preference.nll_rows(self.method, batch)).to(self.device)
+        reference = None if batch.reference is None else torch.from_numpy(batch.reference).to(self.device)
+        pair_loss, nll, stats = preference.objective(OPS, self.method, self.beta, batch.pairs, reference, logps,
+                                                     counts, ce, mask)
+        return pair_loss, nll, {k: float(v) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def row_logps(self, batch: Batch) -> list[float]:
+        training = self.model.training
+        self.model.eval()
+        ce, _ = self._token_ce(batch)
+        sums = row_sums(ce, torch.from_numpy(batch.owners).long().to(self.device), int(batch.owners.max()) + 1)
+        self.model.train(training)
+        return (-sums).tolist()
 
     def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool,
-             denominator: float | None = None) -> float:
-        total, count = self._loss(batch)
-        loss = total / (count if denominator is None else denominator)
+             denominator: Any = None) -> float:
+        if self.method == "sft":
+            total, count = self._loss(batch)
+            loss = total / (count if denominator is None else denominator)
+        else:
+            pairs, tokens = denominator or (max(batch.pairs, 1), 1.0)
+            pair_loss, nll, stats = self._preference(batch)
+            loss = pair_loss / pairs + nll / tokens
+            self.stats = stats | {"pairs": batch.pairs}
         if self.accelerator is None:
             (loss / accumulation).backward()
         elif update:
@@ -209,6 +250,19 @@ class TransformersBackend(Backend):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach().item())
+
+    @torch.no_grad()
+    def preference_sums(self, batches: list[Batch]) -> dict[str, float]:
+        training = self.model.training
+        self.model.eval()
+        sums = dict.fromkeys(preference.STATS, 0.0)
+        for batch in batches:
+            pair_loss, nll, stats = self._preference(batch)
+            for key, value in {**stats, "pair_loss": float(pair_loss), "nll": float(nll), "pairs": batch.pairs,
+                               "nll_tokens": float(preference.nll_rows(self.method, batch).sum())}.items():
+                sums[key] += value
+        self.model.train(training)
+        return sums
 
     @torch.no_grad()
     def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:

@@ -119,6 +119,7 @@ class RunManager:
                 "iterations": section.iterations,
                 "learning_rate": section.learning_rate,
                 "batch_size": section.batch_size,
+                "method": section.method,
                 "data": records,
                 "parent_adapter": "stage1/adapters" if stage == 2 else None,
                 "replay": ({"ratio": config.training.stage2.replay_ratio, "source": "stage1/training-data/train.jsonl"}
@@ -186,7 +187,8 @@ class RunManager:
                 raise RunError(f"stage {stage} {split} data file not found: {path}{hint}",
                                details={"stage": stage, "split": split, "path": str(path)})
             try:
-                rows = len(read_records(path))
+                pairs = split != "test" and self.config.training.stage(stage).method != "sft"
+                rows = len(read_records(path, pairs))
             except DataError as error:
                 raise RunError(f"stage {stage} {split} data: {error}") from None
             checked[split] = {"source": path, "sha256": sha256_file(path), "rows": rows}
