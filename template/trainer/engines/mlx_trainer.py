@@ -79,6 +79,15 @@ def quantized_copy(source: str, bits: int, cache_dir: Path) -> Path:
     return target
 
 
+def checkpoint_blocks(layer: nn.Module) -> None:
+    """mlx-lm's grad_checkpoint patches the block's class, so a second stage in the same process
+    would nest a second checkpoint around the first (other float rounding than a process that
+    resumes that stage alone): patch each class once."""
+    if not getattr(type(layer), "_checkpointed", False):
+        grad_checkpoint(layer)
+        type(layer)._checkpointed = True
+
+
 def output_layer(model: nn.Module):
     """What turns mlx-lm's hidden states into logits: its lm_head, or the tied embedding."""
     head = getattr(model, "lm_head", None)
@@ -171,7 +180,7 @@ class MLXBackend(Backend):
         if init_from is not None:
             model.load_weights(str(init_from / "adapters.safetensors"), strict=False)
         if gradient_checkpointing:
-            grad_checkpoint(model.layers[0])
+            checkpoint_blocks(model.layers[0])
         model.train()
         return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
