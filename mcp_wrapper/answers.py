@@ -75,7 +75,8 @@ def _description(spec: dict[str, Any], question: str) -> str:
     return f"{text} (copier question '{question}'; default: {shown})"
 
 
-GROUPS = {"stage1": "stage 1 (general training): iterations, learning_rate, batch_size, warmup_steps",
+GROUPS = {"stage1": "stage 1 (general training): iterations, learning_rate, batch_size, warmup_steps, "
+                    "method (sft, dpo, orpo) and beta",
           "stage2": "stage 2 (domain specialisation, with num_stages 2): the same keys as stage1, plus replay_ratio",
           "quality_weighting": "quality-weighted sampling: enabled, multiplier, threshold"}
 

@@ -190,6 +190,11 @@ class Metrics(BaseModel):
     learning_rate: Metric = None
     tokens_per_second: Metric = None
     peak_memory_gb: Metric = None
+    # preference stages (dpo, orpo): per pair, chosen above rejected and by how much (TRL's names)
+    reward_accuracy: Metric = None
+    reward_margin: Metric = None
+    chosen_reward: Metric = None
+    rejected_reward: Metric = None
 
 
 class MonitorResult(BaseModel):

@@ -166,10 +166,11 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
             "local_path, quantization"))] = None,
         training: Annotated[Optional[TrainingInput], Field(description=(
             "num_stages, backend; stage1 and stage2 with the same keys (iterations, learning_rate, batch_size, "
-            "warmup_steps; stage2 adds replay_ratio); quality_weighting (enabled, multiplier, threshold); "
+            "warmup_steps, method: sft, or dpo / orpo on preference pairs, with beta; stage2 adds replay_ratio); "
+            "quality_weighting (enabled, multiplier, threshold); "
             "checkpoint and evaluation steps, sequence length, seed"))] = None,
         lora: Annotated[Optional[LoraInput], Field(description=(
-            "LoRA rank, alpha, dropout, target modules and layers"))] = None,
+            "LoRA rank, alpha, dropout, target modules and layers, use_dora"))] = None,
         dataset: Annotated[Optional[DatasetInput], Field(description=(
             "raw data format, the names of its fields, and the split ratios"))] = None,
         features: Annotated[Optional[FeaturesInput], Field(description=(

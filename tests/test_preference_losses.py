@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

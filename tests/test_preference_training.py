@@ -9,9 +9,9 @@ import math
 import signal
 
 import pytest
+from test_training_failures import LOCAL, complete_checkpoints, configure, start, wait_for
 
 from conftest import render, script
-from test_training_failures import LOCAL, complete_checkpoints, configure, start, wait_for
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")

@@ -107,7 +107,8 @@ class Progress(TrainingCallback):
         eta = time.strftime("%H:%M:%S", time.gmtime(info["eta"] or 0))
         line = (f"stage {self.stage} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} "
                 f"loss {info['train_loss']:.4f} lr {info['learning_rate']:.2e} "
-                f"{info['tokens_per_second']:.0f} tok/s eta {eta}")
+                f"{info['tokens_per_second']:.0f} tok/s eta {eta}"
+                + (f" reward accuracy {info['reward_accuracy']:.2f}" if "reward_accuracy" in info else ""))
         print(("\r" + line) if self.tty else line, end="" if self.tty and done < total else "\n", file=sys.stderr)
 
     def on_val_loss_report(self, info: dict[str, Any]) -> None:

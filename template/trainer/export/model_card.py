@@ -35,6 +35,10 @@ def _stages(manifest: dict[str, Any], stage: int) -> list[str]:
         lines.append(f"| {number} | {lineage.get(number, '')} | {entry['iterations']} | {entry['learning_rate']} | "
                      f"{entry['batch_size']} | {train.get('rows', '')} | `{train.get('sha256', '')}` |")
     lora = config.get("lora", {})
+    methods = [manifest["stages"][f"stage{n}"].get("method", "sft") for n in range(1, stage + 1)]
+    if set(methods) != {"sft"}:  # preference training is said, with what DPO was measured against
+        lines += ["", "Methods: " + ", ".join(f"stage {n} {m.upper()}" for n, m in enumerate(methods, 1))
+                  + " (DPO against the model as its stage started; ORPO needs no reference)."]
     kind = "DoRA" if lora.get("use_dora") else "LoRA"
     lines += ["", f"{kind}: rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
                   f"target modules {', '.join(lora.get('target_modules', []))}, layers {lora.get('num_layers')} "
