@@ -53,7 +53,8 @@ def test_sft_then_dpo_learns_and_resumes_after_kill_9_exactly(project, backend):
     assert lines[-1]["reward_accuracy"] > 0.5 and lines[-1]["reward_margin"] > 0
     run_dir = project / "runs" / reference["run_id"]
     metadata = json.loads((run_dir / "stage2" / "training_metadata.json").read_text())
-    assert metadata["method"] == {"name": "dpo", "beta": 0.1} and metadata["rows"]["replay"] > 0
+    assert metadata["method"]["name"] == "dpo" and metadata["method"]["beta"] == 0.1 and metadata["rows"]["replay"] > 0
+    assert metadata["method"]["reference"]["pairs"] > 0 and metadata["method"]["reference"]["seconds"] >= 0
     assert (run_dir / "stage2" / "reference_logps.json").is_file()
 
     run_id = configure(project, f"killed-{backend}", *settings)

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -275,15 +276,18 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
                                 training.quality_threshold, training.quality_weighting)
 
     reference = valid_reference = None
+    method: dict[str, Any] = {"name": section.method} | ({"beta": section.beta} if section.method != "sft" else {})
     if section.method == "dpo":  # the model as the stage starts, before a checkpoint is loaded
         files = [run_dir / key / "training-data" / f"{split}.jsonl" for split in ("train", "valid")]
         fingerprint = ":".join([sha256_file(f) for f in files] + [str(x) for x in (parent, training.max_seq_length,
                                                                                     len(train))])
-        both = train + valid
+        both, began = train + valid, time.perf_counter()
         logps = preference.reference_logps(backend, both, section.batch_size, training.packing,
                                            run_dir / key / "reference_logps.json", fingerprint)
         reference, valid_reference = logps[:len(train)], logps[len(train):]
-        log.info("stage %s: reference log-probabilities of %s pairs", number, len(both))
+        method["reference"] = {"pairs": int(sum(both.is_pair(i) for i in range(len(both)))),
+                               "seconds": round(time.perf_counter() - began, 3)}
+        log.info("stage %s: reference log-probabilities in %.1f s", number, method["reference"]["seconds"])
 
     start = 0
     if world.main:
@@ -303,7 +307,7 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
                                                                **backend.versions()},
         "seed": training.seed, "hardware": hardware(), "base_model": facts, "trainable_parameters": trainable,
         "lora": config.lora.model_dump() | {"scale": config.lora.scale},
-        "method": {"name": section.method, "beta": section.beta} if section.method != "sft" else {"name": "sft"},
+        "method": method,
         "data": entry["data"], "rows": {"train": len(train) - replay_rows, "replay": replay_rows,
                                         "valid": len(valid), "dropped_too_long": train.dropped + valid.dropped},
         "weighting": weights, "parent_adapter": entry["parent_adapter"], "resumed_from": start or None,
