@@ -47,3 +47,16 @@ def test_mlx_benchmark_runs_both_sides():
         tokens_per_second, wall, peak, tokens = map(float, values)
         assert tokens_per_second > 0 and wall > 0 and peak > 0.05, (name, values)
         assert tokens > 2 * 4, "two steps of 4 rows train on more than one token a row"
+
+
+@pytest.mark.slow
+def test_dpo_benchmark_runs_both_sides():
+    pytest.importorskip("trl")
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "dpo_vs_trl.py"), "--steps", "2", "--repeats", "1",
+                          "--rows", "30"], capture_output=True, text=True, timeout=900).stdout
+    assert "ratio (project / TRL):" in out, out[-3000:]
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()
+            if line.startswith(("project DPO", "TRL DPOTrainer"))}
+    assert set(rows) == {"project DPO", "TRL DPOTrainer"}
+    assert all(float(values[0]) > 0 and float(values[1]) > 0 and values[2].endswith("%") for values in rows.values())
+    assert "reference pass" in out
