@@ -190,11 +190,14 @@ class Metrics(BaseModel):
     learning_rate: Metric = None
     tokens_per_second: Metric = None
     peak_memory_gb: Metric = None
-    # preference stages (dpo, orpo): per pair, chosen above rejected and by how much (TRL's names)
+    # preference stages (dpo, orpo): per pair, chosen above rejected and by how much (TRL's names),
+    # on the training batches and (val_) on the validation pairs
     reward_accuracy: Metric = None
     reward_margin: Metric = None
     chosen_reward: Metric = None
     rejected_reward: Metric = None
+    val_reward_accuracy: Metric = None
+    val_reward_margin: Metric = None
 
 
 class MonitorResult(BaseModel):

@@ -50,7 +50,7 @@ def test_sft_then_dpo_learns_and_resumes_after_kill_9_exactly(project, backend):
     assert second["val_loss_before"] == pytest.approx(math.log(2), abs=1e-6)
     assert second["val_loss"] < math.log(2) - 0.05
     lines = stage2_lines(project, reference["run_id"])
-    assert lines[-1]["reward_accuracy"] > 0.5 and lines[-1]["reward_margin"] > 0
+    assert lines[-1]["val_reward_accuracy"] > 0.5 and lines[-1]["val_reward_margin"] > 0
     run_dir = project / "runs" / reference["run_id"]
     metadata = json.loads((run_dir / "stage2" / "training_metadata.json").read_text())
     assert metadata["method"]["name"] == "dpo" and metadata["method"]["beta"] == 0.1 and metadata["rows"]["replay"] > 0
@@ -72,7 +72,7 @@ def test_sft_then_dpo_learns_and_resumes_after_kill_9_exactly(project, backend):
     assert resumed["val_loss"] == pytest.approx(second["val_loss"], rel=1e-4)
     assert resumed["train_loss"] == pytest.approx(second["train_loss"], rel=1e-4)
     for ours, theirs in zip(stage2_lines(project, run_id)[-1:], lines[-1:], strict=True):
-        assert ours["reward_margin"] == pytest.approx(theirs["reward_margin"], rel=1e-3, abs=1e-6)
+        assert ours["val_reward_margin"] == pytest.approx(theirs["val_reward_margin"], rel=1e-3, abs=1e-6)
     assert (project / "runs" / run_id / "stage2" / "reference_logps.json").read_bytes() == cached
 
 
@@ -90,7 +90,8 @@ def test_orpo_trains_on_pairs_alone(tmp_path, backend):
     stage = out["stages"]["stage1"]
     assert stage["val_loss"] < stage["val_loss_before"]
     lines = [json.loads(line) for line in (project / "runs" / out["run_id"] / "metrics.jsonl").read_text().splitlines()]
-    assert {"reward_accuracy", "reward_margin", "chosen_reward"} <= set(lines[-2])
+    keys = set().union(*lines)
+    assert {"reward_accuracy", "reward_margin", "chosen_reward", "val_reward_accuracy", "val_reward_margin"} <= keys
 
 
 @pytest.mark.slow

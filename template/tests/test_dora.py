@@ -12,6 +12,7 @@ from conftest import rows
 
 from trainer.data.training_data import collate
 from trainer.engines.backends import installed, make_backend
+from trainer.engines.checkpoints import checkpoint_dirs, save_checkpoint
 from trainer.models import adapters
 from trainer.models.merge import base_layers
 
@@ -64,6 +65,14 @@ def test_dora_adapters_load_in_both_engines_with_the_trained_logits(engine, tiny
     assert losses[-1] < losses[0]
     expected = trained_logits(backend)
     backend.save_adapter(tmp_path / "adapter")
+    # a checkpoint of a DoRA adapter resumes: a fresh backend loads it and gives the same logits
+    save_checkpoint(backend, tmp_path / "checkpoints", 4, {})
+    again = make_backend(engine, 1)
+    again.load(str(tiny), "none", tmp_path)
+    again.add_adapters(lora, False, None)
+    again.setup_optimizer(config.training)
+    again.load_state(checkpoint_dirs(tmp_path / "checkpoints")[-1][1])
+    np.testing.assert_allclose(trained_logits(again), expected, atol=1e-6, rtol=1e-5)
 
     weights = adapters.read(tmp_path / "adapter")
     assert set(weights.magnitudes) == set(weights.layers) and weights.magnitudes

@@ -179,8 +179,7 @@ class DatasetSection(Section):
     output_field: str = Field(default="output", min_length=1)
     quality_field: Optional[str] = "quality"
     metadata_field: Optional[str] = "metadata"
-    # preference pairs (a dpo or orpo stage): the prompt (else instruction_field and input_field), two answers
-    prompt_field: str = Field(default="prompt", min_length=1)
+    prompt_field: str = Field(default="prompt", min_length=1)  # pairs (dpo, orpo); else the instruction fields
     chosen_field: str = Field(default="chosen", min_length=1)
     rejected_field: str = Field(default="rejected", min_length=1)
     deduplicate: bool = True
@@ -203,9 +202,11 @@ class DatasetSection(Section):
         fields = [self.instruction_field, self.input_field, self.system_field, self.output_field,
                   self.quality_field, self.metadata_field]
         named = [f for f in fields if f]
-        if len(named) != len(set(named)) or self.chosen_field == self.rejected_field:
-            raise ValueError(f"the dataset field names must be distinct, got {named + [self.chosen_field]} "
-                             f"and rejected_field {self.rejected_field}")
+        answers = {self.chosen_field, self.rejected_field}  # a pair's answers (output_field may be one: SFT on it)
+        if len(named) != len(set(named)) or len(answers) < 2 or answers & (set(named) - {self.output_field}
+                                                                            | {self.prompt_field}):
+            raise ValueError(f"the dataset field names must be distinct, got {named + [self.prompt_field]} "
+                             f"and the answers' {self.chosen_field}, {self.rejected_field}")
         return self
 
 

@@ -50,6 +50,11 @@ class TokenizedSet:
                             self.quality + other.quality, self.dropped + other.dropped,
                             mine + theirs if pairs else [], my_starts + their_starts if pairs else [])
 
+    def head(self, count: int) -> TokenizedSet:
+        """The first `count` rows (references, not copies)."""
+        return TokenizedSet(self.tokens[:count], self.starts[:count], self.quality[:count], 0,
+                            self.rejected[:count], self.rejected_starts[:count])
+
     def is_pair(self, i: int) -> bool:
         return i < len(self.rejected) and self.rejected[i] is not None
 

@@ -261,7 +261,7 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
                 for key, value in backend.preference_sums([batch]).items():
                     sums[key] += weight * value
             sums = dict(zip(preference.STATS, world.sum([sums[k] for k in preference.STATS]), strict=True))
-            return preference.loss(sums), preference.report(sums)
+            return preference.loss(sums), {f"val_{k}": v for k, v in preference.report(sums).items()}
         total, count = 0.0, 0
         for batch, weight in valid:
             loss_sum, tokens = backend.loss_sums([batch])
@@ -287,9 +287,10 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
         report("val", 0, val_loss=result.val_loss_before, train_loss=None, **extra)
 
     train = plan.train
-    lengths = [len(row) + (len(train.rejected[i]) if train.is_pair(i) else 0) for i, row in enumerate(train.tokens)]
+    paired = [pairs and train.is_pair(i) for i in range(len(train))]  # an SFT stage trains chosen answers only
+    lengths = [len(row) + (len(train.rejected[i]) if paired[i] else 0) for i, row in enumerate(train.tokens)]
     targets_of = [len(row) - train.starts[i] + (len(train.rejected[i]) - train.rejected_starts[i]
-                                                if train.is_pair(i) else 0) for i, row in enumerate(train.tokens)]
+                                                if paired[i] else 0) for i, row in enumerate(train.tokens)]
     window_loss, window_steps, window_tokens, window_time, window_targets = 0.0, 0, 0, 0.0, 0
     window_stats = dict.fromkeys(preference.STATS, 0.0)
     for iteration in range(plan.start_iteration + 1, plan.iterations + 1):

@@ -130,7 +130,7 @@ def masked_loss(model: nn.Module, ids: mx.array, select: mx.array, labels: mx.ar
     return token_ce(model, ids, select, labels, weights, target_only, chunk).sum(), weights.sum()
 
 
-OPS = preference.Ops(logsigmoid=nn.log_sigmoid, log1mexp=lambda x: mx.log(-mx.expm1(x)),
+OPS = preference.Ops(logsigmoid=nn.log_sigmoid, log1mexp=lambda x: mx.log(-mx.expm1(mx.minimum(x, -1e-7))),
                      greater=lambda a, b: (a > b).astype(mx.float32), total=mx.sum)
 
 

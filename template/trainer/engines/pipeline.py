@@ -251,7 +251,8 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
 
     def load(split: str, stage_dir: str = key):
         path = run_dir / stage_dir / "training-data" / f"{split}.jsonl"
-        pairs = training.stage(int(stage_dir.removeprefix("stage"))).method != "sft"
+        # pairs where this stage trains on pairs and the file holds them (an SFT stage replays chosen answers)
+        pairs = section.method != "sft" and training.stage(int(stage_dir.removeprefix("stage"))).method != "sft"
         return tokenize(read_records(path, pairs), backend.tokenizer, training.max_seq_length, training.mask_prompt,
                         pairs)
 
@@ -279,9 +280,11 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
     method: dict[str, Any] = {"name": section.method} | ({"beta": section.beta} if section.method != "sft" else {})
     if section.method == "dpo":  # the model as the stage starts, before a checkpoint is loaded
         files = [run_dir / key / "training-data" / f"{split}.jsonl" for split in ("train", "valid")]
-        fingerprint = ":".join([sha256_file(f) for f in files] + [str(x) for x in (parent, training.max_seq_length,
-                                                                                    len(train))])
-        both, began = train + valid, time.perf_counter()
+        shown = len(valid) if training.val_batches == -1 else min(len(valid), training.val_batches * section.batch_size)
+        fingerprint = ":".join([sha256_file(f) for f in files] + [str(x) for x in (
+            parent, training.max_seq_length, len(train), shown, backend_name, source, config.base_model.quantization,
+            training.packing)])
+        both, began = train + valid.head(shown), time.perf_counter()  # the validation rows evaluated
         logps = preference.reference_logps(backend, both, section.batch_size, training.packing,
                                            run_dir / key / "reference_logps.json", fingerprint)
         reference, valid_reference = logps[:len(train)], logps[len(train):]

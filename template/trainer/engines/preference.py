@@ -51,7 +51,7 @@ class Ops:
     """What the formulas need from an array library."""
 
     logsigmoid: Callable[[Any], Any]
-    log1mexp: Callable[[Any], Any]  # log(1 - exp(x)) for x < 0
+    log1mexp: Callable[[Any], Any]  # log(1 - exp(x)) for x < 0 (x clamped below 0: an answer of log-prob 0)
     greater: Callable[[Any, Any], Any]  # elementwise a > b as floats
     total: Callable[[Any], Any]  # sum of all elements
 
@@ -106,10 +106,14 @@ def reference_logps(backend: Any, data: TokenizedSet, batch_size: int, packed: b
     """[len(data), 2]: the summed log-probabilities of each pair's chosen and rejected answer
     under the model as it is now (NaN for plain rows); read from `cache` when it holds the same
     data's values, else computed and written there (by the main process)."""
-    if cache.is_file():
-        saved = read_json(cache)
-        if saved.get("fingerprint") == fingerprint:
-            return np.array(saved["logps"], dtype=np.float64)  # None (plain rows) reads as NaN
+    try:  # a cache of other data or settings, or one that cannot be read, is computed again
+        saved = read_json(cache) if cache.is_file() else {}
+        if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint:
+            values = np.array(saved["logps"], dtype=np.float64)  # None (plain rows) reads as NaN
+            if values.shape == (len(data), 2):
+                return values
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
     values = np.full((len(data), 2), np.nan)
     pairs = [i for i in range(len(data)) if data.is_pair(i)]
     answers = TokenizedSet(tokens=[data.tokens[i] for i in pairs] + [data.rejected[i] for i in pairs],

@@ -62,7 +62,7 @@ def target_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tenso
                                  use_reentrant=False) for i in range(0, hidden.shape[0], chunk)])
 
 
-OPS = preference.Ops(logsigmoid=F.logsigmoid, log1mexp=lambda x: torch.log(-torch.expm1(x)),
+OPS = preference.Ops(logsigmoid=F.logsigmoid, log1mexp=lambda x: torch.log(-torch.expm1(x.clamp(max=-1e-7))),
                      greater=lambda a, b: (a > b).float(), total=torch.sum)
 
 
@@ -336,7 +336,10 @@ class TransformersBackend(Backend):
         """Every rank reads the checkpoint (the run folder is shared) and loads it whole."""
         weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
         adapter = self.peft.active_adapter
-        names = {k.replace(f".{adapter}.", "."): k for k, p in self.peft.named_parameters() if p.requires_grad}
+        # peft saves X.lora_A.weight for X.lora_A.<adapter>.weight, and DoRA's X.lora_magnitude_vector
+        # for X.lora_magnitude_vector.<adapter>.weight
+        names = {k.replace(f".{adapter}.", ".").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): k
+                 for k, p in self.peft.named_parameters() if p.requires_grad}
         model_state = {names[k]: v.to(self.device) for k, v in weights.items() if k in names}
         if not weights or len(model_state) != len(weights):
             raise TrainingError(f"the checkpoint adapter in {folder} does not fit this model")

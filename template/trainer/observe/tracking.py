@@ -20,8 +20,9 @@ from trainer.config import FineTuningConfig
 from trainer.observe.callbacks import TrainingCallback
 
 log = logging.getLogger("trainer")
+REWARDS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")  # dpo, orpo stages
 STEP_KEYS = ("train_loss", "val_loss", "learning_rate", "tokens_per_second", "peak_memory_gb",
-             "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")  # the last four: dpo, orpo
+             *REWARDS, *(f"val_{k}" for k in REWARDS))
 EMISSION_KEYS = {"emissions_kg": "carbon_emissions_kg_co2", "energy_kwh": "energy_consumed_kwh",
                  "cpu_energy_kwh": "cpu_energy_kwh", "gpu_energy_kwh": "gpu_energy_kwh",
                  "ram_energy_kwh": "ram_energy_kwh", "emissions_per_hour_kg": "emissions_per_hour_kg",
