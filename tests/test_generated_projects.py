@@ -29,8 +29,8 @@ SOURCES = {
                    "tiny_model"),
         "runs": ("__init__", "training_run_manager"),
         "observe": ("__init__", "callbacks", "emissions", "monitor_api", "tracking"),
-        "engines": ("__init__", "backends", "base_trainer", "distributed", "fast_paths", "mlx_trainer", "pipeline",
-                    "recorder", "transformers_trainer"),
+        "engines": ("__init__", "backends", "base_trainer", "checkpoints", "distributed", "fast_paths", "mlx_trainer",
+                    "pipeline", "preference", "recorder", "transformers_trainer"),
         "evaluate": ("__init__", "evaluation", "generation"),
         "export": ("__init__", "export", "export_target", "gguf_check", "gguf_export", "hub", "model_card"),
     }.items() for module in modules),
@@ -41,7 +41,7 @@ SOURCES = {
     "scripts/monitor_training.py",
     "scripts/prepare_dataset.py", "scripts/status.py", "scripts/train.py",
     "tests/conftest.py", "tests/test_cli.py", "tests/test_config.py", "tests/test_dataset.py",
-    "tests/test_evaluation.py", "tests/test_fast_paths.py", "tests/test_layout.py",
+    "tests/test_dora.py", "tests/test_evaluation.py", "tests/test_fast_paths.py", "tests/test_layout.py",
     "tests/test_emissions.py", "tests/test_export.py",
     "tests/test_tiny_model.py", "tests/test_trainer.py",
     "data/processed/.gitkeep", "data/quality_reports/.gitkeep", "runs/.gitkeep", "logs/.gitkeep",
@@ -55,13 +55,14 @@ SAMPLE = {"jsonl": "data/raw/sample_dataset.jsonl", "csv": "data/raw/sample_data
 MATRIX = [
     pytest.param({"model_type": "olmo", "dataset_format": "jsonl", "num_stages": 1}, id="olmo-jsonl-1stage-defaults"),
     pytest.param({"model_type": "llama", "dataset_format": "csv", "num_stages": 2, "enable_mlflow": True,
-                  "enable_wandb": True, "enable_huggingface_upload": True, "system_field": "system"},
-                 id="llama-csv-2stage-all-integrations"),
+                  "enable_wandb": True, "enable_huggingface_upload": True, "system_field": "system",
+                  "stage2_method": "dpo", "lora_use_dora": True},
+                 id="llama-csv-2stage-dpo-dora-all-integrations"),
     pytest.param({"model_type": "mistral", "dataset_format": "parquet", "num_stages": 2, "backend": "transformers",
                   "enable_mlx_optimization": False, "enable_carbontracking": False,
                   "enable_quality_weighting": False, "enable_evaluation": False,
-                  "export_formats": ["adapters", "mlx"]},
-                 id="mistral-parquet-2stage-minimal"),
+                  "export_formats": ["adapters", "mlx"], "stage1_method": "orpo", "stage1_beta": 0.2},
+                 id="mistral-parquet-2stage-orpo-minimal"),
     pytest.param({"model_type": "custom", "model_id": "Qwen/Qwen2.5-0.5B-Instruct", "dataset_format": "jsonl",
                   "num_stages": 1, "backend": "mlx", "quantization": "q4", "input_field": "", "quality_field": "",
                   "metadata_field": "", "carbon_offline_mode": False},
@@ -138,13 +139,16 @@ def test_config_loads_and_matches_the_answers(generated):
     t = c["training"]
     assert (t["num_stages"], t["backend"], t["seed"]) == (a["num_stages"], a["backend"], a["seed"])
     assert t["stage1"] == {"iterations": a["stage1_iterations"], "learning_rate": a["stage1_learning_rate"],
-                           "batch_size": a["stage1_batch_size"], "warmup_steps": a["stage1_warmup_steps"]}
+                           "batch_size": a["stage1_batch_size"], "warmup_steps": a["stage1_warmup_steps"],
+                           "method": a["stage1_method"], "beta": a.get("stage1_beta", 0.1)}
     assert (t["stage2"] is not None) == (a["num_stages"] == 2)
     if t["stage2"]:
         assert t["stage2"]["replay_ratio"] == a["replay_ratio"]
+        assert (t["stage2"]["method"], t["stage2"]["beta"]) == (a["stage2_method"], a.get("stage2_beta", 0.1))
     assert t["quality_weighting"] == a["enable_quality_weighting"]
     assert c["lora"] == {"rank": a["lora_rank"], "alpha": a["lora_alpha"], "dropout": a["lora_dropout"],
-                         "target_modules": a["lora_target_modules"], "num_layers": a["lora_num_layers"]}
+                         "target_modules": a["lora_target_modules"], "num_layers": a["lora_num_layers"],
+                         "use_dora": a["lora_use_dora"]}
     d = c["dataset"]
     for name in ("instruction_field", "input_field", "system_field", "output_field", "quality_field", "metadata_field"):
         assert d[name] == (a[name] or None), name

@@ -26,6 +26,8 @@ BAD_ANSWERS = {
     "stage2_learning_rate": [(0, {"num_stages": 2})],
     "stage2_batch_size": [(0, {"num_stages": 2})],
     "stage2_warmup_steps": [(500, {"num_stages": 2, "stage2_iterations": 150})],
+    "stage1_beta": [(0, {"stage1_method": "dpo"}), (11, {"stage1_method": "orpo"})],
+    "stage2_beta": [(-0.1, {"num_stages": 2, "stage2_method": "dpo"})],
     "replay_ratio": [(1.0, {"num_stages": 2}), (-0.1, {"num_stages": 2})],
     "gradient_accumulation_steps": [(0, {})],
     "save_steps": [(0, {})],
@@ -55,7 +57,8 @@ BAD_ANSWERS = {
     "wandb_project": [("has space", {"enable_wandb": True}), ("w\n", {"enable_wandb": True})],
     "hf_repo_prefix": [("-bad", {"enable_huggingface_upload": True}), ("me\n", {"enable_huggingface_upload": True})],
 }
-CHOICE_ANSWERS = {"model_type": "gpt", "quantization": "q3", "num_stages": 3, "backend": "jax", "dataset_format": "xml"}
+CHOICE_ANSWERS = {"model_type": "gpt", "quantization": "q3", "num_stages": 3, "backend": "jax", "dataset_format": "xml",
+                  "stage1_method": "ppo", "stage2_method": "kto"}
 
 
 def test_every_question_has_type_and_help():
@@ -142,15 +145,22 @@ def test_column_names_may_be_in_any_script(tmp_path):
 
 
 def test_when_hides_stage2_questions_for_one_stage(tmp_path):
-    stage2 = {"stage2_iterations", "stage2_learning_rate", "stage2_batch_size", "stage2_warmup_steps", "replay_ratio"}
+    stage2 = {"stage2_iterations", "stage2_learning_rate", "stage2_batch_size", "stage2_warmup_steps", "replay_ratio",
+              "stage2_method"}
     assert all(QUESTIONS[q]["when"] == "{{ num_stages == 2 }}" for q in stage2)
+    assert QUESTIONS["stage2_beta"]["when"] == "{{ num_stages == 2 and stage2_method != 'sft' }}"
     one = render(tmp_path / "one", num_stages=1)
     assert not stage2 & set(answers_of(one))
     assert "stage2" not in yaml.safe_load((one / "config" / "fine_tuning_config.yaml").read_text())["training"]
     two = render(tmp_path / "two", num_stages=2, replay_ratio=0.25)
     assert stage2 <= set(answers_of(two))
     stage = yaml.safe_load((two / "config" / "fine_tuning_config.yaml").read_text())["training"]["stage2"]
-    assert stage == {"iterations": 150, "learning_rate": 1e-4, "batch_size": 4, "warmup_steps": 0, "replay_ratio": 0.25}
+    assert stage == {"iterations": 150, "learning_rate": 1e-4, "batch_size": 4, "warmup_steps": 0, "replay_ratio": 0.25,
+                     "method": "sft", "beta": 0.1}
+    dpo = render(tmp_path / "dpo", num_stages=2, stage2_method="dpo", stage2_beta=0.3)
+    assert answers_of(dpo)["stage2_beta"] == 0.3 and "stage2_beta" not in answers_of(two)  # asked only for dpo/orpo
+    stage = yaml.safe_load((dpo / "config" / "fine_tuning_config.yaml").read_text())["training"]["stage2"]
+    assert (stage["method"], stage["beta"]) == ("dpo", 0.3)
 
 
 @pytest.mark.parametrize(("flag", "dependents"), [

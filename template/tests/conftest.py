@@ -5,6 +5,7 @@ the samples with your own data."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -21,9 +22,12 @@ from trainer.data.training_data import TokenizedSet  # noqa: E402
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A temporary project root with a copy of config/ and the sample data in data/raw/."""
+    """A temporary project root with a copy of config/ (SFT stages) and the sample data in data/raw/."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
     shutil.copytree(ROOT / "tests" / "samples", tmp_path / "data" / "raw")
+    # the samples are plain rows: the tests train SFT stages whatever the project's methods are
+    config = tmp_path / "config" / "fine_tuning_config.yaml"
+    config.write_text(re.sub(r"^(\s+method:) (dpo|orpo)\b", r"\1 sft", config.read_text(), flags=re.M))
     return tmp_path
 
 
@@ -43,7 +47,10 @@ def rows(vocabulary: int, count: int = 6, seed: int = 3) -> TokenizedSet:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
-    """A tiny llama whose output layer is its tied embedding (as SmolLM2's)."""
+    """A tiny llama whose output layer is its tied embedding (as SmolLM2's); building it needs torch
+    and transformers (a project installed for mlx alone skips the tests that use it)."""
+    for module in ("torch", "transformers", "safetensors"):
+        pytest.importorskip(module)
     from safetensors.torch import load_file, save_file
 
     from trainer.models import tiny_model

@@ -365,3 +365,30 @@ def test_import_copies_only_data_that_validates_and_keeps_the_rest(config, proje
     assert not [p for p in raw.glob("sample_dataset.*")] and out["removed_samples"]
     with pytest.raises(ProjectError, match="already exists"):
         import_files(config, [good])
+
+
+def test_preference_pairs_keep_the_rejected_answer_and_bad_pairs_name_line_and_field(project):
+    lines = [json.dumps({"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"answer {i}"})
+             for i in range(6)]
+    use_only(project, "pairs.jsonl", lines)
+    config = load_config(project / "config" / "fine_tuning_config.yaml", environ={},
+                         overrides={"dataset.raw_files": ["data/raw/pairs.jsonl"], "training.stage1.method": "dpo"})
+    prepare(config)
+    processed = [r for split in ("train", "valid", "test")
+                 for r in rows(project / "data" / "processed" / f"{split}.jsonl")]
+    assert len(processed) == 6
+    for record in processed:  # a chat record (SFT reads it as the chosen answer) plus the rejected answer
+        question, answer = record["messages"][0]["content"], record["messages"][-1]["content"]
+        number = question.split()[1].rstrip("?")
+        assert answer == f"Answer {number}." and record["rejected"] == f"answer {number}"
+
+    bad = [*lines[:2], json.dumps({"prompt": "x?", "chosen": "y"}),
+           json.dumps({"prompt": "z?", "chosen": "same", "rejected": "same"})]
+    (project / "data" / "raw" / "pairs.jsonl").write_text("".join(line + "\n" for line in bad))
+    before = snapshot(project / "data")
+    with pytest.raises(DatasetError) as caught:
+        prepare(config)
+    message = str(caught.value)
+    assert "data/raw/pairs.jsonl, line 3: field 'rejected': missing field" in message
+    assert "line 4: field 'rejected': the rejected answer is the chosen one" in message
+    assert snapshot(project / "data") == before

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -334,6 +335,9 @@ class TransformersBackend(Backend):
 
     def load_state(self, folder: Path) -> None:
         """Every rank reads the checkpoint (the run folder is shared) and loads it whole."""
+        for module in self.model.modules():  # FSDP2 leaves the root's weights gathered after a no-grad forward
+            if isinstance(module, FSDPModule):  # (the start-up checks): shard them again before loading
+                module.reshard()
         weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
         adapter = self.peft.active_adapter
         # peft saves X.lora_A.weight for X.lora_A.<adapter>.weight, and DoRA's X.lora_magnitude_vector
