@@ -8,9 +8,11 @@ random weights, its tokenizer trained on the data) on the project's prepared cha
 on q, k, v, o of every layer), AdamW at a constant learning rate without clipping, batch
 size, prompt masking and max_seq_length. Runs alternate and medians are reported.
 
-mlx-lm always batches rows of similar length (it sorts the data by length), so the project
-runs twice: with its default batches (random rows) and with `training.length_grouping`, its
-own way of cutting batches from a length-sorted draw.
+The raw command trains on exactly the rows the project's default run draws (a data file of
+those rows, in that order), so both sides see the same tokens. mlx-lm batches rows of similar
+length (it sorts the data by length), so the project runs twice: with its default batches
+(random rows) and with `training.length_grouping`, its own way of cutting batches from a
+length-sorted draw (that side draws other rows).
 
 Throughput is mlx-lm's own measure, trained tokens (the tokens the loss counts) per second
 of training-step time (validation excluded); the project reports the same count as
@@ -69,6 +71,24 @@ print(json.dumps({"target_tokens_per_second": report["tokens_per_second"],
 '''
 
 
+def same_rows(project: Path, folder: Path, steps: int, batch: int) -> Path:
+    """A data folder for mlx_lm.lora whose training file holds exactly the rows the project's
+    default run draws (its sampler: seed 42, stage 1, equal weights), so both train the same
+    rows; mlx-lm then batches them its own way (sorted by length)."""
+    sys.path.insert(0, str(project))
+    import numpy as np
+    from trainer.data.training_data import Sampler
+
+    processed = project / "data" / "processed"
+    rows = (processed / "train.jsonl").read_text().splitlines()
+    sampler = Sampler([(np.ones(len(rows)), 1.0)], batch, 42, 1)
+    folder.mkdir(parents=True)
+    drawn = [rows[i] for step in range(1, steps + 1) for i in sampler.batch(step, 0)]
+    (folder / "train.jsonl").write_text("\n".join(drawn) + "\n")
+    (folder / "valid.jsonl").write_text((processed / "valid.jsonl").read_text())
+    return folder
+
+
 def timed_run(argv: list[str], cwd: Path) -> tuple[dict, float]:
     began = time.perf_counter()
     result = run(argv, cwd)
@@ -98,7 +118,8 @@ def main() -> None:
             "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0,
                                 "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                          "self_attn.o_proj"]}}))
-        raw_args = [python, "-c", RAW_SCRIPT, "--model", str(model), "--train", "--data", "data/processed",
+        raw_data = same_rows(project, Path(tmp) / "raw-data", args.steps, args.batch)
+        raw_args = [python, "-c", RAW_SCRIPT, "--model", str(model), "--train", "--data", str(raw_data),
                     "--fine-tune-type", "lora", "--optimizer", "adamw", "--num-layers", "-1",
                     "--batch-size", str(args.batch), "--iters", str(args.steps),
                     "--learning-rate", str(LEARNING_RATE), "--steps-per-report", str(args.steps),
