@@ -218,6 +218,11 @@ class Batch:
         """Tokens that count in the loss."""
         return int(self.weights.sum())
 
+    @property
+    def rows(self) -> int:
+        """Training rows laid out in the batch (every row has a target, so an owner)."""
+        return int(self.owners.max()) + 1
+
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple

@@ -101,9 +101,20 @@ class Backend(ABC):
         """Summed log-probabilities of each row's targets (owner order); no gradients."""
         raise TrainingError(f"the {self.name} backend does not train on preference pairs")
 
+    def preference_values(self, batches: list[Batch]) -> list[dict[str, float]]:
+        """Each batch's summed pair loss and NLL (`pair_loss`, `nll`) and per-pair statistics
+        (preference.REPORTED), in inference mode; no gradients."""
+        raise TrainingError(f"the {self.name} backend does not train on preference pairs")
+
     def preference_sums(self, batches: list[Batch]) -> dict[str, float]:
         """Summed preference statistics (preference.STATS) of `batches`; no gradients."""
-        raise TrainingError(f"the {self.name} backend does not train on preference pairs")
+        sums = dict.fromkeys(preference.STATS, 0.0)
+        for batch, values in zip(batches, self.preference_values(batches), strict=True):
+            for key, value in values.items():
+                sums[key] += value
+            sums["pairs"] += batch.pairs
+            sums["nll_tokens"] += float(preference.nll_rows(self.method, batch).sum())
+        return sums
 
     @abstractmethod
     def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:

@@ -203,7 +203,7 @@ class MLXBackend(Backend):
         def preference_loss(model, ids, select, labels, weights, owners, row_ids, reference, nll_mask, pairs, tokens):
             pair_loss, nll, stats = self._preference(model, ids, select, labels, weights, owners, row_ids,
                                                      reference, nll_mask)
-            return pair_loss / pairs + nll / tokens, *[stats[k] for k in preference.STATS if k in stats]
+            return pair_loss / pairs + nll / tokens, *[stats[k] for k in preference.REPORTED if k in stats]
 
         preference_grad = nn.value_and_grad(model, preference_loss)
 
@@ -224,9 +224,8 @@ class MLXBackend(Backend):
                                     ce, nll_mask)
 
     def _preference_arrays(self, batch: Batch) -> tuple[mx.array, ...]:
-        rows = int(batch.owners.max()) + 1
         reference = batch.reference if batch.reference is not None else np.zeros(2 * batch.pairs, np.float32)
-        return (*self._arrays(batch), mx.array(batch.owners), mx.arange(rows), mx.array(reference),
+        return (*self._arrays(batch), mx.array(batch.owners), mx.arange(batch.rows), mx.array(reference),
                 mx.array(preference.nll_rows(self.method, batch)))
 
     def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool,
@@ -241,8 +240,8 @@ class MLXBackend(Backend):
             pairs, tokens = denominator or (max(batch.pairs, 1), 1.0)
             loss, grad, stats = self._step(*self._preference_arrays(batch), mx.array(pairs, dtype=mx.float32),
                                            mx.array(tokens, dtype=mx.float32), scale)
-            names = [k for k in preference.STATS if k not in ("pair_loss", "pairs", "nll", "nll_tokens")]
-            self.stats = {k: float(v.item()) for k, v in zip(names, stats, strict=False)} | {"pairs": batch.pairs}
+            self.stats = {k: float(v.item()) for k, v in zip(preference.REPORTED, stats, strict=False)} | {
+                "pairs": batch.pairs}
         if self._grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, self._grad)
         if update:
@@ -263,23 +262,20 @@ class MLXBackend(Backend):
         training = self.model.training
         self.model.eval()
         ce = token_ce(self.model, *self._arrays(batch), self.target_only, self.chunk)
-        sums = -row_sums(ce, mx.array(batch.owners), mx.arange(int(batch.owners.max()) + 1))
+        sums = -row_sums(ce, mx.array(batch.owners), mx.arange(batch.rows))
         self.model.train(training)
         return sums.tolist()
 
-    def preference_sums(self, batches: list[Batch]) -> dict[str, float]:
+    def preference_values(self, batches: list[Batch]) -> list[dict[str, float]]:
         training = self.model.training
         self.model.eval()
-        sums = dict.fromkeys(preference.STATS, 0.0)
+        found = []
         for batch in batches:
-            arrays = self._preference_arrays(batch)
-            pair_loss, nll, stats = self._preference(self.model, *arrays)
-            for key, value in {**stats, "pair_loss": pair_loss, "nll": nll}.items():
-                sums[key] += float(value.item()) if isinstance(value, mx.array) else float(value)
-            sums["pairs"] += batch.pairs
-            sums["nll_tokens"] += float(arrays[-1].sum().item())
+            pair_loss, nll, stats = self._preference(self.model, *self._preference_arrays(batch))
+            found.append({key: float(value.item()) for key, value in {**stats, "pair_loss": pair_loss,
+                                                                       "nll": nll}.items()})
         self.model.train(training)
-        return sums
+        return found
 
     def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:
         training = self.model.training  # during training it goes back to training; after, it stays in eval

@@ -27,10 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from trainer.data.training_data import Batch, TokenizedSet, collate, eval_rows
+from trainer.data.training_data import Batch, TokenizedSet, collate_pairs
 from trainer.files import read_json, write_json
 
 STATS = ("pair_loss", "pairs", "nll", "nll_tokens", "accuracy", "margin", "chosen_reward", "rejected_reward")
+# the per-pair statistics a step returns, in this order, with their metric names
 REPORTED = {"accuracy": "reward_accuracy", "margin": "reward_margin", "chosen_reward": "chosen_reward",
             "rejected_reward": "rejected_reward"}  # per pair, in the metrics (as TRL names them)
 
@@ -116,13 +117,10 @@ def reference_logps(backend: Any, data: TokenizedSet, batch_size: int, packed: b
         pass
     values = np.full((len(data), 2), np.nan)
     pairs = [i for i in range(len(data)) if data.is_pair(i)]
-    answers = TokenizedSet(tokens=[data.tokens[i] for i in pairs] + [data.rejected[i] for i in pairs],
-                           starts=[data.starts[i] for i in pairs] + [data.rejected_starts[i] for i in pairs])
-    found = []
-    for rows in eval_rows(answers, batch_size, -1):
-        found.extend(backend.row_logps(collate(answers, rows, backend.pad_id, backend.pad_multiple, packed)))
-    found = np.array(found, dtype=np.float64)
-    values[pairs, 0], values[pairs, 1] = found[:len(pairs)], found[len(pairs):]
+    for start in range(0, len(pairs), batch_size):  # the pairs laid out as in training: chosen, then rejected
+        some = pairs[start:start + batch_size]
+        logps = backend.row_logps(collate_pairs(data, some, backend.pad_id, backend.pad_multiple, packed))
+        values[some, 0], values[some, 1] = logps[:len(some)], logps[len(some):2 * len(some)]
     if backend.world.main:
         write_json(cache, {"fingerprint": fingerprint,
                            "logps": [[None if np.isnan(x) else float(x) for x in row] for row in values]})

@@ -206,8 +206,7 @@ class TransformersBackend(Backend):
         """Summed pair losses and NLL of a preference batch (trainer.engines.preference), and its statistics."""
         ce, weights = self._token_ce(batch)
         owners = torch.from_numpy(batch.owners).long().to(self.device)
-        rows = int(batch.owners.max()) + 1
-        logps, counts = -row_sums(ce, owners, rows), row_sums(weights, owners, rows)
+        logps, counts = -row_sums(ce, owners, batch.rows), row_sums(weights, owners, batch.rows)
         mask = torch.from_numpy(preference.nll_rows(self.method, batch)).to(self.device)
         reference = None if batch.reference is None else torch.from_numpy(batch.reference).to(self.device)
         pair_loss, nll, stats = preference.objective(OPS, self.method, self.beta, batch.pairs, reference, logps,
@@ -219,7 +218,7 @@ class TransformersBackend(Backend):
         training = self.model.training
         self.model.eval()
         ce, _ = self._token_ce(batch)
-        sums = row_sums(ce, torch.from_numpy(batch.owners).long().to(self.device), int(batch.owners.max()) + 1)
+        sums = row_sums(ce, torch.from_numpy(batch.owners).long().to(self.device), batch.rows)
         self.model.train(training)
         return (-sums).tolist()
 
@@ -253,17 +252,15 @@ class TransformersBackend(Backend):
         return float(loss.detach().item())
 
     @torch.no_grad()
-    def preference_sums(self, batches: list[Batch]) -> dict[str, float]:
+    def preference_values(self, batches: list[Batch]) -> list[dict[str, float]]:
         training = self.model.training
         self.model.eval()
-        sums = dict.fromkeys(preference.STATS, 0.0)
+        found = []
         for batch in batches:
             pair_loss, nll, stats = self._preference(batch)
-            for key, value in {**stats, "pair_loss": float(pair_loss), "nll": float(nll), "pairs": batch.pairs,
-                               "nll_tokens": float(preference.nll_rows(self.method, batch).sum())}.items():
-                sums[key] += value
+            found.append({**stats, "pair_loss": float(pair_loss), "nll": float(nll)})
         self.model.train(training)
-        return sums
+        return found
 
     @torch.no_grad()
     def loss_sums(self, batches: list[Batch]) -> tuple[float, int]:
