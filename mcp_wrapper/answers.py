@@ -32,7 +32,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
                               "threshold": "quality_threshold"},
         "gradient_accumulation_steps": "gradient_accumulation_steps", "save_steps": "save_steps",
         "eval_steps": "eval_steps", "max_seq_length": "max_seq_length",
-        "gradient_checkpointing": "gradient_checkpointing", "seed": "seed",
+        "gradient_checkpointing": "gradient_checkpointing", "seed": "seed", "fine_tune": "fine_tune",
     },
     "lora": {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
              "target_modules": "lora_target_modules", "num_layers": "lora_num_layers", "use_dora": "lora_use_dora"},

@@ -168,9 +168,10 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
             "num_stages, backend; stage1 and stage2 with the same keys (iterations, learning_rate, batch_size, "
             "warmup_steps, method: sft, or dpo / orpo on preference pairs, with beta; stage2 adds replay_ratio); "
             "quality_weighting (enabled, multiplier, threshold); "
-            "checkpoint and evaluation steps, sequence length, seed"))] = None,
+            "checkpoint and evaluation steps, sequence length, seed; fine_tune: lora (adapters) or full "
+            "(every weight, each stage saves a whole model)"))] = None,
         lora: Annotated[Optional[LoraInput], Field(description=(
-            "LoRA rank, alpha, dropout, target modules and layers, use_dora"))] = None,
+            "LoRA rank, alpha, dropout, target modules and layers, use_dora (unused with fine_tune full)"))] = None,
         dataset: Annotated[Optional[DatasetInput], Field(description=(
             "raw data format, the names of its fields, and the split ratios"))] = None,
         features: Annotated[Optional[FeaturesInput], Field(description=(

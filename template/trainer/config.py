@@ -25,7 +25,6 @@ DEFAULT_CONFIG = PROJECT_ROOT / "config" / "fine_tuning_config.yaml"
 # Hugging Face `model_type` of each base model family (used for tiny models and exports).
 ARCHITECTURES = {"olmo": "olmo2", "llama": "llama", "mistral": "mistral", "custom": "llama"}
 
-
 # Kinds of fields that are not plain values (trainer.guard holds requests from outside to them);
 # fields typed Path are paths without saying so.
 RAW_EXTENSIONS = ("jsonl", "csv", "parquet", "pq")  # what trainer.data.dataset_preparator reads
@@ -40,6 +39,15 @@ def _optional_name(value: Any) -> Any:
     """Empty strings mean 'not set' for optional field names and paths."""
     if isinstance(value, str) and not value.strip():
         return None
+    return value
+
+
+def _code_names(value: Any) -> Any:
+    """CODE fields name 'package.module:function'; only their shape is checked here (imported when used)."""
+    bad = [n for n in (value if isinstance(value, list) else [value])
+           if n is not None and (":" not in str(n) or not all(str(n).partition(":")[::2]))]
+    if bad:
+        raise ValueError(f"must look like 'package.module:function', got {', '.join(map(repr, bad))}")
     return value
 
 
@@ -113,6 +121,7 @@ class TrainingSection(Section):
     # the same rows and weights (1 = off; mlx-lm's own trainer sorts by length as well)
     length_grouping: int = Field(default=1, ge=1, le=1024)
     packing: bool = False  # rows side by side, positions and attention per row (transformers; collate)
+    fine_tune: Literal["lora", "full"] = "lora"  # full: every weight trains; a stage saves a whole model
 
     @field_validator("val_batches")
     @classmethod
@@ -187,18 +196,15 @@ class DatasetSection(Section):
     validation_split: float = Field(default=0.1, gt=0, lt=1)
     test_split: float = Field(default=0.1, gt=0, lt=1)
 
-    _clean_names = field_validator("input_field", "system_field", "quality_field", "metadata_field", mode="before")(
-        _optional_name
-    )
+    _clean = field_validator("input_field", "system_field", "quality_field", "metadata_field", mode="before")(
+        _optional_name)
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSection:
         total = self.train_split + self.validation_split + self.test_split
         if abs(total - 1) > 1e-3:
-            raise ValueError(
-                f"train_split + validation_split + test_split must sum to 1, got "
-                f"{self.train_split} + {self.validation_split} + {self.test_split} = {total:g}"
-            )
+            raise ValueError(f"train_split + validation_split + test_split must sum to 1, got "
+                             f"{self.train_split} + {self.validation_split} + {self.test_split} = {total:g}")
         fields = [self.instruction_field, self.input_field, self.system_field, self.output_field,
                   self.quality_field, self.metadata_field]
         named = [f for f in fields if f]
@@ -237,13 +243,7 @@ class CarbonSection(Section):
     tracker_factory: Optional[str] = Field(default=None, json_schema_extra=CODE)
     alerts: CarbonAlerts = CarbonAlerts()
 
-    @field_validator("tracker_factory", mode="before")
-    @classmethod
-    def _importable_name(cls, value: Any) -> Any:
-        value = _optional_name(value)
-        if value is not None and (":" not in str(value) or not all(str(value).partition(":")[::2])):
-            raise ValueError(f"tracker_factory must look like 'package.module:function', got {value!r}")
-        return value
+    _code = field_validator("tracker_factory", mode="before")(lambda value: _code_names(_optional_name(value)))
 
 
 class MlflowSection(Section):
@@ -301,14 +301,7 @@ class EvaluationSection(Section):
                                      f"reaches ({top:g})")
         return self
 
-
-    @field_validator("custom_metrics")
-    @classmethod
-    def _importable_names(cls, value: list[str]) -> list[str]:
-        bad = [name for name in value if ":" not in name or not all(name.partition(":")[::2])]
-        if bad:
-            raise ValueError(f"custom_metrics entries must look like 'package.module:function', got {bad}")
-        return value
+    _code = field_validator("custom_metrics")(lambda value: _code_names(value))
 
 
 EXPORT_FORMATS = ("adapters", "safetensors", "huggingface", "mlx", "gguf")
@@ -343,6 +336,13 @@ class FineTuningConfig(Section):
     evaluation: EvaluationSection = EvaluationSection()
     export: ExportSection = ExportSection()
     paths: PathsSection = PathsSection()
+
+    @model_validator(mode="after")
+    def _full_fits(self) -> FineTuningConfig:
+        if self.training.fine_tune == "full" and (self.base_model.quantization != "none" or self.lora.use_dora):
+            raise ValueError("training.fine_tune full trains every weight: it takes neither "
+                             "base_model.quantization (quantized weights do not train) nor lora.use_dora")
+        return self
 
     # Where relative paths point, and the file this was loaded from; not part of the YAML.
     _root: Path = PROJECT_ROOT

@@ -65,7 +65,7 @@ class Cancelled(TrainingError):
 
 
 class Backend(ABC):
-    """One engine. `load`, then `add_adapters`, then `setup_optimizer`, then steps."""
+    """One engine. `load`, then `add_adapters` (or `train_all`), then `setup_optimizer`, then steps."""
 
     name: str = ""
     tokenizer: Any = None
@@ -76,6 +76,7 @@ class Backend(ABC):
     method: str = "sft"  # or dpo, orpo (trainer.engines.preference), with beta
     beta: float = 0.1
     stats: dict[str, float] = {}  # a preference step's statistics (preference.STATS)
+    full: bool = False  # every weight trains (train_all); what is saved is a whole model, not an adapter
 
     @abstractmethod
     def load(self, source: str, quantization: str, cache_dir: Path) -> dict[str, Any]:
@@ -85,9 +86,13 @@ class Backend(ABC):
     def add_adapters(self, lora: LoraSection, gradient_checkpointing: bool, init_from: Optional[Path]) -> int:
         """Freeze the base, add LoRA layers (weights from `init_from` if given); returns trainable parameters."""
 
+    def train_all(self, gradient_checkpointing: bool) -> int:
+        """Full fine-tuning: every weight of the loaded model trains; returns their number."""
+        raise TrainingError(f"the {self.name} backend does not train every weight (training.fine_tune full)")
+
     @abstractmethod
     def setup_optimizer(self, training: TrainingSection) -> None:
-        """AdamW over the adapter weights, with the config's weight decay and clipping."""
+        """AdamW over the trainable weights, with the config's weight decay and clipping."""
 
     @abstractmethod
     def step(self, batch: Batch, learning_rate: float, accumulation: int, update: bool,
@@ -132,13 +137,27 @@ class Backend(ABC):
     def save_adapter(self, folder: Path) -> None:
         """The adapter in the engine's own format (loads back with that engine's tools)."""
 
+    def save_model(self, folder: Path) -> None:
+        """The whole model as a Hugging Face folder (config, safetensors, tokenizer) that both
+        engines load (full fine-tuning)."""
+        raise TrainingError(f"the {self.name} backend does not save whole models")
+
+    @property
+    def weights_dir(self) -> str:
+        """Where a checkpoint keeps the trained weights."""
+        return "model" if self.full else "adapter"
+
+    def save_weights(self, folder: Path) -> None:
+        """What trains: the whole model (full fine-tuning), or the adapter."""
+        self.save_model(folder) if self.full else self.save_adapter(folder)
+
     @abstractmethod
     def save_state(self, folder: Path) -> None:
-        """Optimizer state and RNG state, next to a saved adapter."""
+        """Optimizer state and RNG state, next to the saved weights."""
 
     @abstractmethod
     def load_state(self, folder: Path) -> None:
-        """Restore the adapter weights, optimizer state and RNG state of a checkpoint."""
+        """Restore the trained weights (weights_dir), optimizer state and RNG state of a checkpoint."""
 
     @abstractmethod
     def generate(self, prompts: list[str], max_tokens: int, temperature: float, top_p: float) -> list[str]:
@@ -217,7 +236,7 @@ class StagePlan:
     save_steps: int
     val_batches: int
     checkpoint_dir: Path
-    adapter_dir: Path
+    adapter_dir: Path  # where the stage's result goes: its adapter, or the whole model (full fine-tuning)
     packed: bool = False  # rows share sequences (collate)
     method: str = "sft"  # dpo, orpo: preference pairs, with each pair's reference log-probabilities
     reference: Optional[Any] = None
@@ -371,15 +390,15 @@ def train_stage(backend: Backend, plan: StagePlan) -> StageResult:
                             + advice("continue with --resume", "start_training with resume=true continues it"),
                             details={"stage": plan.stage, "iteration": iteration})
 
-    # the last iteration always checkpoints, so the state gathered for it is the final adapter
+    # the last iteration always checkpoints, so the state gathered for it is the final adapter or model
     if world.main:
         tmp = plan.adapter_dir.parent / f"{TEMP_PREFIX}{plan.adapter_dir.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        backend.save_adapter(tmp)
+        backend.save_weights(tmp)
         if plan.adapter_dir.exists():
             shutil.rmtree(plan.adapter_dir)
         os.replace(tmp, plan.adapter_dir)
-    world.barrier()  # stage 2 on every rank starts from the adapter just written
+    world.barrier()  # stage 2 on every rank starts from what was just written
     result.tokens_per_second = round(result.tokens / result.seconds, 2) if result.seconds else 0.0
     result.peak_memory_gb = round(backend.peak_memory_gb(), 4)
     return result

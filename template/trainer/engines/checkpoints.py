@@ -50,7 +50,7 @@ def save_checkpoint(backend: Any, folder: Path, iteration: int, extra: dict[str,
     final = folder / f"{CHECKPOINT_PREFIX}{iteration:07d}"
     tmp = folder / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    backend.save_adapter(tmp / "adapter")
+    backend.save_weights(tmp / backend.weights_dir)
     backend.save_state(tmp)
     write_json(tmp / "state.json", {"iteration": iteration, **extra})
     files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

@@ -149,6 +149,7 @@ class MLXBackend(Backend):
         self.model = None
         self.optimizer = None
         self.lora_config: dict[str, Any] = {}
+        self.config: dict[str, Any] = {}  # the loaded model's (saved with a whole model)
         self._grad = None
         self._step = None
         self.max_grad_norm = 0.0
@@ -159,7 +160,9 @@ class MLXBackend(Backend):
             quantized = quantized_copy(source, QUANT_BITS[quantization], cache_dir)
             facts["quantized_copy"] = str(quantized)
             source = str(quantized)
-        self.model, self.tokenizer = mlx_load(source, model_config=mlx_overrides(source))  # the real RoPE
+        self.source = source
+        self.model, self.tokenizer, self.config = mlx_load(source, model_config=mlx_overrides(source),  # real RoPE
+                                                           return_config=True)
         facts["architecture"] = getattr(self.model, "model_type", type(self.model).__module__.split(".")[-1])
         facts["layers"] = len(self.model.layers)
         return facts
@@ -184,8 +187,17 @@ class MLXBackend(Backend):
         model.train()
         return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
+    def train_all(self, gradient_checkpointing: bool) -> int:
+        self.full = True
+        self.model.unfreeze()  # every weight, embeddings included (mlx-lm's own "full" trains the last blocks only)
+        if gradient_checkpointing:
+            checkpoint_blocks(self.model.layers[0])
+        self.model.train()
+        return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
+
     def setup_optimizer(self, training: TrainingSection) -> None:
-        self.optimizer = optim.AdamW(learning_rate=0.0, weight_decay=training.weight_decay)
+        # bias-corrected as torch's AdamW (mlx's default is not): one update rule on both engines
+        self.optimizer = optim.AdamW(learning_rate=0.0, weight_decay=training.weight_decay, bias_correction=True)
         self.max_grad_norm = training.max_grad_norm
         model, optimizer = self.model, self.optimizer
 
@@ -311,13 +323,29 @@ class MLXBackend(Backend):
                   "lora_parameters": self.lora_config}
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
+    def save_model(self, folder: Path) -> None:
+        """As mlx_lm.fuse saves a model: Hugging Face names, so transformers loads it too."""
+        from mlx_lm.utils import save_config, save_model
+
+        save_model(folder, self.model, donate_model=False)
+        save_config(dict(self.config), config_path=folder / "config.json")
+        self.tokenizer.save_pretrained(str(folder))
+        generation = Path(self.source) / "generation_config.json"
+        if generation.is_file():
+            shutil.copyfile(generation, folder / "generation_config.json")
+
     def save_state(self, folder: Path) -> None:
         state = dict(tree_flatten(self.optimizer.state))
         mx.save_safetensors(str(folder / "optimizer.safetensors"), state)
         np.save(folder / "rng.npy", np.array(mx.random.state[0]))
 
     def load_state(self, folder: Path) -> None:
-        self.model.load_weights(str(folder / "adapter" / "adapters.safetensors"), strict=False)
+        if self.full:
+            weights = [item for file in sorted((folder / "model").glob("*.safetensors"))
+                       for item in mx.load(str(file)).items()]
+            self.model.load_weights(weights, strict=True)
+        else:
+            self.model.load_weights(str(folder / "adapter" / "adapters.safetensors"), strict=False)
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
         # mx.random.key(seed) is [seed >> 32, seed & 0xffffffff]: reseeding with the saved
         # key's two words restores it exactly (the state object takes no item assignment)

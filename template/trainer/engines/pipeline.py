@@ -46,7 +46,7 @@ from trainer.observe import emissions
 from trainer.observe.callbacks import TrainingCallback  # noqa: F401  (re-exported, it was here)
 from trainer.observe.emissions import StageEmissions
 from trainer.observe.tracking import Tracking, flatten
-from trainer.runs.training_run_manager import RunError, RunManager, now
+from trainer.runs.training_run_manager import RunError, RunManager, now, stage_output
 
 log = logging.getLogger("trainer")
 
@@ -132,7 +132,7 @@ def check_request(manager: RunManager, run_id: str, config: FineTuningConfig, ba
         if manifest["stages"][f"stage{number}"]["status"] == "completed" and not resume and only:
             raise RunError(f"stage {number} of run {run_id} is already completed; configure a new run to train again")
     if 2 in stages and 1 not in stages and manifest["stages"]["stage1"]["status"] != "completed":
-        raise RunError(f"stage 2 of run {run_id} starts from the stage-1 adapter, and stage 1 has not completed; "
+        raise RunError(f"stage 2 of run {run_id} starts from what stage 1 trained, and stage 1 has not completed; "
                        "train stage 1 first " + advice(f"(scripts/train.py --run-id {run_id} --stage 1)",
                                                          "(start_training with stage=1)"))
     for number in stages:
@@ -200,16 +200,16 @@ def _train(manager: RunManager, run_id: str, config: FineTuningConfig, stages: l
 
 
 def _final_model(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """runs/<id>/final-model/: the last stage's adapter, what the run produced, with a note
-    of where it comes from (export_model merges or converts it)."""
+    """runs/<id>/final-model/: the last stage's adapter (or whole model), what the run produced,
+    with a note of where it comes from (export_model merges or converts it)."""
     last = max(manifest["stages"], key=lambda key: int(key.removeprefix("stage")))
-    source = run_dir / manifest["stages"][last]["adapter_path"]
+    source, full = stage_output(run_dir, manifest, int(last.removeprefix("stage")))
     target = run_dir / "final-model"
     tmp = run_dir / f"{TEMP_PREFIX}final-model-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
-    entry = {"path": "final-model", "stage": int(last.removeprefix("stage")), "source": f"{last}/adapters",
-             "adapter_format": manifest["stages"][last].get("adapter_format"),
+    entry = {"path": "final-model", "stage": int(last.removeprefix("stage")), "source": f"{last}/{source.name}",
+             "fine_tune": "full" if full else "lora", "adapter_format": manifest["stages"][last].get("adapter_format"),
              "base_model": manifest["base_model"]["source"], "created_at": now()}
     write_json(tmp / "final-model.json", entry)
     old = run_dir / f"{TEMP_PREFIX}final-model-old-{os.getpid()}"
@@ -232,19 +232,26 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
     source = config.model_source()
     if config.base_model.local_path is not None and not Path(source).is_dir():
         raise RunError(f"base_model.local_path {source} does not exist", details={"stage": number})
+    full = training.fine_tune == "full"
+    output, _ = stage_output(run_dir, manager.manifest(run_id), number)
+    parent = None
+    if number == 2:
+        parent, _ = stage_output(run_dir, manager.manifest(run_id), 1)
+        if not any(parent.glob("*.safetensors")):
+            raise RunError(f"stage 2 starts from what stage 1 trained, and {parent} holds nothing; train stage 1 "
+                           "first", details={"stage": 2})
+        if full:  # a fully fine-tuned stage 2 trains the stage-1 model itself
+            source = str(parent)
     try:
         facts = backend.load(source, config.base_model.quantization, config.root / "models" / "quantized")
     except (OSError, ValueError) as error:
         raise TrainingError(f"could not load the base model {source} with {backend_name}: {error}. Without "
                             "network access set base_model.local_path to a local copy "
                             "(scripts/make_tiny_model.py builds a tiny one)", details={"stage": number}) from error
-    parent = None
-    if number == 2:
-        parent = run_dir / "stage1" / "adapters"
-        if not any(parent.glob("*.safetensors")):
-            raise RunError(f"stage 2 needs the stage-1 adapter, and {parent} has none; train stage 1 first",
-                           details={"stage": 2})
-    trainable = backend.add_adapters(config.lora, training.gradient_checkpointing, parent)
+    if full:
+        trainable = backend.train_all(training.gradient_checkpointing)
+    else:
+        trainable = backend.add_adapters(config.lora, training.gradient_checkpointing, parent)
     backend.method, backend.beta = section.method, section.beta
     backend.setup_optimizer(training)
     layout = fast_paths.check(backend, training.packing)
@@ -309,11 +316,12 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
         "stage": number, "backend": backend_name, "versions": {"python": platform.python_version(),
                                                                **backend.versions()},
         "seed": training.seed, "hardware": hardware(), "base_model": facts, "trainable_parameters": trainable,
-        "lora": config.lora.model_dump() | {"scale": config.lora.scale},
-        "method": method,
+        "fine_tune": training.fine_tune, "method": method,
+        "lora": None if full else config.lora.model_dump() | {"scale": config.lora.scale},
         "data": entry["data"], "rows": {"train": len(train) - replay_rows, "replay": replay_rows,
                                         "valid": len(valid), "dropped_too_long": train.dropped + valid.dropped},
-        "weighting": weights, "parent_adapter": entry["parent_adapter"], "resumed_from": start or None,
+        "weighting": weights, "parent_adapter": entry.get("parent_adapter"), "parent_model": entry.get("parent_model"),
+        "resumed_from": start or None,
         "distributed": world.describe() | {"global_batch_size": sampler.batch_size}, "layout": layout,
     }
     if world.main:
@@ -329,7 +337,7 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
         log_steps=training.log_steps, eval_steps=training.eval_steps, save_steps=training.save_steps,
         val_batches=training.val_batches, packed=training.packing, checkpoint_dir=run_dir / key / "checkpoints",
         method=section.method, reference=reference, valid_reference=valid_reference,
-        adapter_dir=run_dir / key / "adapters", start_iteration=start, stop_requested=stop,
+        adapter_dir=output, start_iteration=start, stop_requested=stop,
         callbacks=[recorder, Progress(number, quiet), tracking] if world.main else [],
     )
     log.info("stage %s: %s backend, %s trainable parameters, %s rows (+%s replay), from iteration %s",
@@ -348,7 +356,8 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
         measured = _record_emissions(manager, run_id, config, number, tracker.stop(), recorder, tracking)
     result["emissions"] = measured
     manager.update_manifest(run_id, lambda m: m["stages"][key].update(
-        status="completed", completed_at=now(), metrics=result, adapter_format=backend_name))
+        status="completed", completed_at=now(), metrics=result,
+        adapter_format=None if full else backend_name, model_format="huggingface" if full else None))
     return result
 
 

@@ -36,6 +36,7 @@ from trainer.data.training_data import Batch
 from trainer.engines import preference
 from trainer.engines.base_trainer import Backend, TrainingError, process_peak_memory_gb
 from trainer.engines.distributed import TorchWorld, World
+from trainer.models.model_config import write_mlx_fields
 
 
 def quantization_error(quantization: str) -> TrainingError:
@@ -87,6 +88,7 @@ class TransformersBackend(Backend):
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = None  # what trains: the peft model, or its DDP/FSDP wrapper
         self.peft = None  # the peft model itself
+        self.bare = None  # the transformers model, inside peft and any wrapper
         self.optimizer = None
         self.max_grad_norm = 0.0
         self._gathered: dict[str, Any] = {}
@@ -109,7 +111,7 @@ class TransformersBackend(Backend):
         if self.device.type == "cuda":
             kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.tokenizer = AutoTokenizer.from_pretrained(source)
-        self.model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        self.model = self.bare = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if "quantization_config" not in kwargs:
             self.model.to(self.device)
         self.model.config.use_cache = False
@@ -123,12 +125,8 @@ class TransformersBackend(Backend):
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
                             target_modules=lora.target_modules, layers_to_transform=last, task_type="CAUSAL_LM")
         if gradient_checkpointing:
-            options = {"use_reentrant": False}
-            if hasattr(self.model, "activation_checkpointing_enable"):  # its name since transformers 5
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-            self.model.enable_input_require_grads()
+            self._checkpointing()
+            self.model.enable_input_require_grads()  # the frozen embedding's output needs them
         try:
             self.model = self.peft = get_peft_model(self.model, config)
         except ValueError as error:
@@ -137,6 +135,21 @@ class TransformersBackend(Backend):
             self._load_adapter_weights(init_from)
         self.model.train()
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def _checkpointing(self) -> None:
+        options = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # its name since transformers 5
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+    def train_all(self, gradient_checkpointing: bool) -> int:
+        self.full = True
+        self.model.requires_grad_(True)
+        if gradient_checkpointing:
+            self._checkpointing()
+        self.model.train()
+        return sum(p.numel() for p in self.model.parameters())  # tied weights count once
 
     def _load_adapter_weights(self, folder: Path) -> None:
         """Into the bare peft model, before any wrapper (stage 2 starting from stage 1)."""
@@ -279,7 +292,7 @@ class TransformersBackend(Backend):
 
     def _base(self) -> torch.nn.Module:
         """The transformers model itself: inside peft's wrapper once adapters are added."""
-        return self.peft.get_base_model() if self.peft is not None else self.model
+        return self.peft.get_base_model() if self.peft is not None else self.bare
 
     def vocabulary(self) -> int:
         return min(len(self.tokenizer), self._base().get_input_embeddings().num_embeddings)
@@ -322,6 +335,11 @@ class TransformersBackend(Backend):
         state = self._gathered.get("model")
         self.peft.save_pretrained(str(folder), state_dict=state)
 
+    def save_model(self, folder: Path) -> None:
+        self.bare.save_pretrained(str(folder), state_dict=self._gathered.get("model"), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder))
+        write_mlx_fields(folder)  # so mlx-lm loads it with its real RoPE
+
     def save_state(self, folder: Path) -> None:
         optimizer = self._gathered.get("optimizer") or get_optimizer_state_dict(self.model, self._inner_optimizer,
                                                                                  options=self._options())
@@ -335,15 +353,22 @@ class TransformersBackend(Backend):
         for module in self.model.modules():  # FSDP2 leaves the root's weights gathered after a no-grad forward
             if isinstance(module, FSDPModule):  # (the start-up checks): shard them again before loading
                 module.reshard()
-        weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-        adapter = self.peft.active_adapter
-        # peft saves X.lora_A.weight for X.lora_A.<adapter>.weight, and DoRA's X.lora_magnitude_vector
-        # for X.lora_magnitude_vector.<adapter>.weight
-        names = {k.replace(f".{adapter}.", ".").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): k
-                 for k, p in self.peft.named_parameters() if p.requires_grad}
+        if self.full:  # save_pretrained's names are the parameters' own (a tied output layer is left out)
+            weights = {}
+            for file in sorted((folder / "model").glob("*.safetensors")):
+                weights.update(load_file(str(file)))
+            names = {k: k for k in self.bare.state_dict()}
+        else:
+            weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+            adapter = self.peft.active_adapter
+            # peft saves X.lora_A.weight for X.lora_A.<adapter>.weight, and DoRA's X.lora_magnitude_vector
+            # for X.lora_magnitude_vector.<adapter>.weight
+            names = {k.replace(f".{adapter}.", ".").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): k
+                     for k, p in self.peft.named_parameters() if p.requires_grad}
         model_state = {names[k]: v.to(self.device) for k, v in weights.items() if k in names}
-        if not weights or len(model_state) != len(weights):
-            raise TrainingError(f"the checkpoint adapter in {folder} does not fit this model")
+        every = {k for k, _ in self.bare.named_parameters()} if self.full else set()  # a tied one once
+        if not weights or len(model_state) != len(weights) or not every <= set(model_state):
+            raise TrainingError(f"the checkpoint weights in {folder} do not fit this model")
         set_model_state_dict(self.model, model_state, options=self._options())
         state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
         if all(isinstance(key, int) for key in state["optimizer"]["state"]):  # written before name-keyed state

@@ -4,7 +4,7 @@ two-stage runs a forgetting check of the stage-2 model on the stage-1 test set.
 
 Results go to runs/<id>/stageN/evaluation/results.json with the generations in
 samples.jsonl, and a summary into the run manifest. The same backend that trained the
-run evaluates it (its adapter format is that engine's).
+run evaluates it (its adapter format is that engine's; a fully fine-tuned stage is a whole model).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from trainer.engines.base_trainer import Backend
 from trainer.errors import ProjectError, advice
 from trainer.files import sha256_file, write_atomic, write_json
 from trainer.observe.tracking import log_evaluation
-from trainer.runs.training_run_manager import RunError, RunManager, now
+from trainer.runs.training_run_manager import RunError, RunManager, now, stage_output
 
 PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -104,6 +104,13 @@ def load_inference(config: FineTuningConfig, backend_name: str, adapter: Optiona
     return backend
 
 
+def load_stage(config: FineTuningConfig, backend_name: str, run_dir: Path, manifest: dict[str, Any], stage: int,
+               seed: int) -> Backend:
+    """A run stage's model for inference: the base with the stage's adapter, or the whole model it trained."""
+    output, full = stage_output(run_dir, manifest, stage)
+    return load_inference(config, backend_name, None if full else output, seed, str(output) if full else None)
+
+
 def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: Optional[Path] = None,
                  include_base: bool = True, max_samples: Optional[int] = None) -> dict[str, Any]:
     """Evaluate a completed stage of a run; writes results.json and samples.jsonl."""
@@ -131,7 +138,7 @@ def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: O
         records = records_of(test_file)
         batch = run_config.training.stage(stage).batch_size
         seed = run_config.training.seed
-        tuned = load_inference(run_config, backend_name, run_dir / key / "adapters", seed)
+        tuned = load_stage(run_config, backend_name, run_dir, manifest, stage, seed)
         metrics, samples = evaluate_model(tuned, records, run_config, batch)
         result: dict[str, Any] = {
             "run_id": run_id, "stage": stage, "backend": backend_name, "evaluated_at": now(),
@@ -143,7 +150,7 @@ def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: O
             if stage1_test.is_file():
                 old = records_of(stage1_test)
                 after, _ = evaluate_model(tuned, old, run_config, batch)
-                stage1_model = load_inference(run_config, backend_name, run_dir / "stage1" / "adapters", seed)
+                stage1_model = load_stage(run_config, backend_name, run_dir, manifest, 1, seed)
                 before, _ = evaluate_model(stage1_model, old, run_config, batch)
                 result["forgetting"] = {
                     "test_data": str(stage1_test), "stage1_model": before, "stage2_model": after,

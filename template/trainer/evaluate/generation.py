@@ -1,6 +1,7 @@
-"""Talk to a trained model: the base model plus a run's adapter, or an exported model, loaded
-with either engine (mlx, falling back to transformers, or the one asked for), answering one
-prompt or a conversation through the model's chat template.
+"""Talk to a trained model: the base model plus a run's adapter (or the whole model a full
+fine-tune trained), or an exported model, loaded with either engine (mlx, falling back to
+transformers, or the one asked for), answering one prompt or a conversation through the
+model's chat template.
 
 The adapter is used in the format of the engine that loads it: a run trained with the other
 engine has its adapter converted first (trainer.models.adapters, exact up to float rounding).
@@ -20,7 +21,7 @@ from trainer.engines.base_trainer import Backend
 from trainer.errors import ProjectError, advice
 from trainer.evaluate.evaluation import load_inference
 from trainer.models.merge import adapter_as
-from trainer.runs.training_run_manager import RunError, RunManager
+from trainer.runs.training_run_manager import RunError, RunManager, stage_output
 
 MAX_TOKENS_LIMIT = 4096
 
@@ -51,7 +52,7 @@ def pick_backend(requested: Optional[str], trained_with: Optional[str]) -> str:
     raise GenerationError("no engine is installed: pip install -e '.[mlx]' or '.[transformers]'")
 
 
-def _adapter(manager: RunManager, run_id: str, stage: Optional[int]) -> tuple[Path, int, str]:
+def _stage(manager: RunManager, run_id: str, stage: Optional[int]) -> tuple[Path, bool, int, str]:
     manifest = manager.manifest(run_id)
     done = [int(k.removeprefix("stage")) for k, s in manifest["stages"].items() if s["status"] == "completed"]
     if stage is None:
@@ -60,7 +61,8 @@ def _adapter(manager: RunManager, run_id: str, stage: Optional[int]) -> tuple[Pa
         stage = max(done)
     elif stage not in done:
         raise RunError(f"stage {stage} of run {run_id} has not completed; completed stages: {sorted(done) or 'none'}")
-    return manager.run_dir(run_id) / f"stage{stage}" / "adapters", stage, manifest["backend"]["resolved"]
+    output, full = stage_output(manager.run_dir(run_id), manifest, stage)
+    return output, full, stage, manifest["backend"]["resolved"]
 
 
 def load_model(config: FineTuningConfig, run_id: Optional[str] = None, stage: Optional[int] = None,
@@ -73,10 +75,13 @@ def load_model(config: FineTuningConfig, run_id: Optional[str] = None, stage: Op
     trained_with = None
     if run_id:
         manager = RunManager(config)
-        adapter, stage, trained_with = _adapter(manager, run_id, stage)
+        adapter, full, stage, trained_with = _stage(manager, run_id, stage)
         config = manager.run_config(run_id)
         source = config.model_source()
-        description = {"run_id": run_id, "stage": stage, "adapter": str(adapter)}
+        description = {"run_id": run_id, "stage": stage, "model" if full else "adapter": str(adapter)}
+        if full:  # a whole model, loaded as saved
+            description["base_model"] = source
+            source, exported, adapter = str(adapter), str(adapter), None
     elif export:
         export = guard.check_path(export, "the export folder")
         if not export.is_dir():

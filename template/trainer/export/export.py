@@ -3,6 +3,7 @@
 Formats (each written as a folder with a model card, README.md):
     adapters     the LoRA adapter in peft's format (peft/) and in mlx-lm's (mlx/), whichever trained it
     safetensors  adapter merged into the base model: a Hugging Face model directory
+                 (training.fine_tune full: the trained model itself in each format; no adapters format)
     huggingface  the same, meant for the Hub (merge_adapters false: the peft adapter alone)
     mlx          fused with mlx-lm, optionally quantized q4/q8 (merge_adapters false: the mlx adapter)
     gguf         the merged model as one GGUF file, f32/f16/q8_0 (llama.cpp, Ollama, LM Studio)
@@ -24,7 +25,7 @@ from trainer.export import export_target, gguf_check, gguf_export, hub, model_ca
 from trainer.files import TEMP_PREFIX, write_atomic
 from trainer.models.gguf_support import architecture, check_planned  # noqa: F401  (re-exported, they were here)
 from trainer.models.merge import ExportError, adapter_into, fuse_mlx, merge_hf, model_type
-from trainer.runs.training_run_manager import RunError, RunManager, now
+from trainer.runs.training_run_manager import RunError, RunManager, now, stage_output
 
 QUANTIZATIONS = {"gguf": gguf_export.QUANTIZATIONS, "mlx": ("none", "q4", "q8")}
 
@@ -88,9 +89,10 @@ def default_path(config: FineTuningConfig, run_id: str, stage: int, fmt: str, qu
     return config.resolve(config.export.output_dir) / f"{run_id}-stage{stage}-{fmt}{suffix}"
 
 
-def _build(fmt: str, merge: bool, quantization: str, source: str, adapter: Path, target: Path,
+def _build(fmt: str, merge: bool, quantization: str, source: str, adapter: Optional[Path], target: Path,
            generation: dict[str, Any], name: str) -> dict[str, Any]:
-    """Write the export's model files into the empty folder `target`."""
+    """Write the export's model files into the empty folder `target` (`adapter` None: `source`
+    is the whole model a full fine-tune trained, and merge is true)."""
     if fmt == "adapters":
         adapter_into(adapter, "peft", source, target / "peft")
         adapter_into(adapter, "mlx", source, target / "mlx")
@@ -137,6 +139,11 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
     with manager.lock(run_id):
         manifest = manager.manifest(run_id)
         run_config = manager.run_config(run_id)
+        full = f"stage{stage}" in manifest["stages"] and stage_output(run_dir, manifest, stage)[1]
+        if full and fmt == "adapters":
+            raise ExportError(f"stage {stage} of run {run_id} trained every weight (training.fine_tune full): it has "
+                              "no adapter; export safetensors, huggingface, mlx or gguf")
+        merge = merge or full  # a whole model: nothing to merge, the formats hold it as it is
         chosen = _check_request(run_config, manifest, run_id, stage, fmt, merge, quantization)
         if upload:
             # uploading is the project's current choice, not the run's: read the live config
@@ -150,7 +157,9 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
         target = export_target.check(config, output if output is not None else default_path(
             config, run_id, stage, fmt, chosen), overwrite)
         source = run_config.model_source()
-        adapter = run_dir / f"stage{stage}" / "adapters"
+        adapter: Optional[Path] = stage_output(run_dir, manifest, stage)[0]
+        if full:  # the model the stage trained stands where the base and its adapter would
+            source, adapter = str(adapter), None
         name = f"{run_config.project.name}-stage{stage}"
         merged = fmt == "gguf" or (merge and fmt != "adapters")  # adapters are never merged
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,13 @@ LIBRARY = {"adapters": "peft", "safetensors": "transformers", "huggingface": "tr
            "gguf": "gguf"}
 
 
+def _full(manifest: dict[str, Any]) -> bool:
+    return manifest.get("config", {}).get("training", {}).get("fine_tune") == "full"
+
+
 def _front_matter(manifest: dict[str, Any], fmt: str, merged: bool) -> str:
     base = manifest["base_model"]
-    tags = ["fine-tuned", "lora", fmt] + (["olmo-fine-tuning-mcp"])
+    tags = ["fine-tuned", "full-fine-tune" if _full(manifest) else "lora", fmt, "olmo-fine-tuning-mcp"]
     lines = ["---", f"base_model: {json.dumps(base.get('model_id') or base.get('source'))}",
              f"library_name: {LIBRARY[fmt] if merged or fmt in ('gguf', 'mlx') else 'peft'}",
              "pipeline_tag: text-generation", "tags:"] + [f"  - {tag}" for tag in tags] + ["---", ""]
@@ -24,7 +28,8 @@ def _front_matter(manifest: dict[str, Any], fmt: str, merged: bool) -> str:
 def _stages(manifest: dict[str, Any], stage: int) -> list[str]:
     config = manifest.get("config", {})
     lines = ["## Training", "",
-             f"LoRA on `{manifest['base_model'].get('model_id') or manifest['base_model']['source']}` "
+             f"{'Full fine-tuning' if _full(manifest) else 'LoRA'} of "
+             f"`{manifest['base_model'].get('model_id') or manifest['base_model']['source']}` "
              f"with the {manifest['backend'].get('resolved')} backend; run `{manifest['run_id']}`.", "",
              "| stage | starts from | iterations | learning rate | batch size | train rows | train data sha256 |",
              "|---|---|---|---|---|---|---|"]
@@ -40,9 +45,12 @@ def _stages(manifest: dict[str, Any], stage: int) -> list[str]:
         lines += ["", "Methods: " + ", ".join(f"stage {n} {m.upper()}" for n, m in enumerate(methods, 1))
                   + " (DPO against the model as its stage started; ORPO needs no reference)."]
     kind = "DoRA" if lora.get("use_dora") else "LoRA"
-    lines += ["", f"{kind}: rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
-                  f"target modules {', '.join(lora.get('target_modules', []))}, layers {lora.get('num_layers')} "
-                  "(-1 = all).", ""]
+    if _full(manifest):
+        lines += ["", "Every weight trained (full fine-tuning): each stage saved a whole model.", ""]
+    else:
+        lines += ["", f"{kind}: rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
+                      f"target modules {', '.join(lora.get('target_modules', []))}, layers {lora.get('num_layers')} "
+                      "(-1 = all).", ""]
     training = config.get("training", {})
     lines += [f"Max sequence length {training.get('max_seq_length')}, seed {training.get('seed')}, "
               f"gradient accumulation {training.get('gradient_accumulation_steps')}.", ""]
@@ -83,8 +91,8 @@ def _emissions(manifest: dict[str, Any]) -> list[str]:
 
 def render(manifest: dict[str, Any], run_dir: Path, stage: int, fmt: str, merged: bool, usage: str) -> str:
     title = f"# {manifest['project']['name']}: run {manifest['run_id']}, stage {stage} ({fmt})"
-    what = ("The LoRA adapter merged into the base model." if merged else "The LoRA adapter only; load it on the "
-            "base model.")
+    what = ("The fully fine-tuned model." if _full(manifest) else "The LoRA adapter merged into the base model."
+            if merged else "The LoRA adapter only; load it on the base model.")
     parts = [_front_matter(manifest, fmt, merged), title, "", what, ""]
     parts += _stages(manifest, stage) + _evaluation(run_dir, stage) + _emissions(manifest)
     parts += ["## Usage", "", usage.strip(), ""]

@@ -10,7 +10,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from trainer.errors import ProjectError
 from trainer.models import adapters
@@ -66,17 +66,19 @@ def adapter_into(adapter: Path, engine: str, source: str, target: Path) -> None:
         adapters.convert(adapter, target, engine, source, base_layers(source))
 
 
-def merge_hf(source: str, adapter: Path, output: Path, generation: dict[str, Any]) -> dict[str, Any]:
-    """Base model + adapter merged with peft, saved with tokenizer and generation config."""
+def merge_hf(source: str, adapter: Optional[Path], output: Path, generation: dict[str, Any]) -> dict[str, Any]:
+    """Base model + adapter merged with peft (no adapter: the model as it is), saved with
+    tokenizer and generation config."""
     try:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as error:
         raise _needs("transformers", error) from error
-    with tempfile.TemporaryDirectory(prefix=".tmp-adapter-", dir=output.parent) as scratch:
-        peft_dir = adapter_as(adapter, "peft", source, Path(scratch))
-        base = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
-        model = PeftModel.from_pretrained(base, str(peft_dir)).merge_and_unload()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    if adapter is not None:
+        with tempfile.TemporaryDirectory(prefix=".tmp-adapter-", dir=output.parent) as scratch:
+            peft_dir = adapter_as(adapter, "peft", source, Path(scratch))
+            model = PeftModel.from_pretrained(model, str(peft_dir)).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(source)
     settings = model.generation_config
     temperature = float(generation.get("temperature", 0.0))
@@ -95,16 +97,17 @@ def merge_hf(source: str, adapter: Path, output: Path, generation: dict[str, Any
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def fuse_mlx(source: str, adapter: Path, output: Path, quantization: str) -> dict[str, Any]:
-    """Base model + adapter fused with mlx-lm (as `mlx_lm.fuse`), optionally quantized (as `mlx_lm.convert`)."""
+def fuse_mlx(source: str, adapter: Optional[Path], output: Path, quantization: str) -> dict[str, Any]:
+    """Base model + adapter fused with mlx-lm (as `mlx_lm.fuse`; no adapter: the model as it is),
+    optionally quantized (as `mlx_lm.convert`)."""
     try:
         from mlx.utils import tree_unflatten
         from mlx_lm.utils import load, quantize_model, save_config, save_model
     except ImportError as error:
         raise _needs("mlx", error) from error
     with tempfile.TemporaryDirectory(prefix=".tmp-adapter-", dir=output.parent) as scratch:
-        mlx_dir = adapter_as(adapter, "mlx", source, Path(scratch))
-        model, tokenizer, config = load(source, adapter_path=str(mlx_dir), return_config=True,
+        mlx_dir = None if adapter is None else str(adapter_as(adapter, "mlx", source, Path(scratch)))
+        model, tokenizer, config = load(source, adapter_path=mlx_dir, return_config=True,
                                         model_config=mlx_overrides(source))  # the real RoPE, saved too
     fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
     if fused:

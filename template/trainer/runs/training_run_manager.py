@@ -7,6 +7,7 @@ runs/<run_name>-<timestamp>/
     config.yaml           the resolved config the run trains with
     train.log             the trainer's log
     stage1/{adapters,checkpoints,training-data,evaluation}/   stage2/...   final-model/ (once completed)
+                          (training.fine_tune full: model/, a whole Hugging Face model, instead of adapters/)
 
 Every manifest and status write is atomic; a lock held by the training process (flock,
 released by the kernel when the process dies) tells a live run from a dead one.
@@ -99,8 +100,10 @@ class RunManager:
             run_id = f"{name}-{stamp}-{suffix}"
             suffix += 1
         run_dir = self.runs_dir / run_id
+        full = config.training.fine_tune == "full"
+        output = "model" if full else "adapters"  # what a stage trains: a whole model, or an adapter on the base
         for stage in stages:
-            for sub in ("adapters", "checkpoints", "training-data", "evaluation"):
+            for sub in (output, "checkpoints", "training-data", "evaluation"):
                 (run_dir / f"stage{stage}" / sub).mkdir(parents=True, exist_ok=True)
 
         stage_entries = {}
@@ -121,10 +124,13 @@ class RunManager:
                 "batch_size": section.batch_size,
                 "method": section.method,
                 "data": records,
-                "parent_adapter": "stage1/adapters" if stage == 2 else None,
+                "fine_tune": config.training.fine_tune,
+                "parent_adapter": "stage1/adapters" if stage == 2 and not full else None,
+                "parent_model": "stage1/model" if stage == 2 and full else None,
                 "replay": ({"ratio": config.training.stage2.replay_ratio, "source": "stage1/training-data/train.jsonl"}
                            if stage == 2 else None),
-                "adapter_path": f"stage{stage}/adapters",
+                "adapter_path": None if full else f"stage{stage}/adapters",
+                "model_path": f"stage{stage}/model" if full else None,
                 "checkpoint_dir": f"stage{stage}/checkpoints",
                 "metrics": None,
                 "started_at": None,
@@ -146,7 +152,7 @@ class RunManager:
             "overrides": overrides or {},
             "config": snapshot,
             "stages": stage_entries,
-            "lineage": [{"stage": s, "starts_from": "base model" if s == 1 else "stage1/adapters"} for s in stages],
+            "lineage": [{"stage": s, "starts_from": "base model" if s == 1 else f"stage1/{output}"} for s in stages],
             "evaluation": None,
             "emissions": None,
             "final_model": None,
@@ -303,6 +309,14 @@ class RunManager:
             yield {"previous_holder": previous or None, "cleaned": [str(p) for p in removed]}
         finally:
             os.close(fd)
+
+
+def stage_output(run_dir: Path, manifest: dict[str, Any], stage: int) -> tuple[Path, bool]:
+    """What a stage trained, and whether it is a whole model (training.fine_tune full) rather than
+    an adapter on the base model."""
+    entry = manifest["stages"][f"stage{stage}"]
+    full = entry.get("fine_tune") == "full"  # manifests older than full fine-tuning hold adapters
+    return run_dir / (entry["model_path"] if full else entry["adapter_path"]), full
 
 
 def lock_held(path: Path) -> bool:
