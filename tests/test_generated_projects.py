@@ -41,7 +41,8 @@ SOURCES = {
     "scripts/monitor_training.py",
     "scripts/prepare_dataset.py", "scripts/status.py", "scripts/train.py",
     "tests/conftest.py", "tests/test_cli.py", "tests/test_config.py", "tests/test_dataset.py",
-    "tests/test_dora.py", "tests/test_evaluation.py", "tests/test_fast_paths.py", "tests/test_layout.py",
+    "tests/test_dora.py", "tests/test_evaluation.py", "tests/test_fast_paths.py", "tests/test_full_fine_tune.py",
+    "tests/test_layout.py",
     "tests/test_emissions.py", "tests/test_export.py",
     "tests/test_tiny_model.py", "tests/test_trainer.py",
     "data/processed/.gitkeep", "data/quality_reports/.gitkeep", "runs/.gitkeep", "logs/.gitkeep",
@@ -61,8 +62,9 @@ MATRIX = [
     pytest.param({"model_type": "mistral", "dataset_format": "parquet", "num_stages": 2, "backend": "transformers",
                   "enable_mlx_optimization": False, "enable_carbontracking": False,
                   "enable_quality_weighting": False, "enable_evaluation": False,
-                  "export_formats": ["adapters", "mlx"], "stage1_method": "orpo", "stage1_beta": 0.2},
-                 id="mistral-parquet-2stage-orpo-minimal"),
+                  "export_formats": ["safetensors", "mlx"], "stage1_method": "orpo", "stage1_beta": 0.2,
+                  "fine_tune": "full"},
+                 id="mistral-parquet-2stage-orpo-full-minimal"),
     pytest.param({"model_type": "custom", "model_id": "Qwen/Qwen2.5-0.5B-Instruct", "dataset_format": "jsonl",
                   "num_stages": 1, "backend": "mlx", "quantization": "q4", "input_field": "", "quality_field": "",
                   "metadata_field": "", "carbon_offline_mode": False},
@@ -146,9 +148,13 @@ def test_config_loads_and_matches_the_answers(generated):
         assert t["stage2"]["replay_ratio"] == a["replay_ratio"]
         assert (t["stage2"]["method"], t["stage2"]["beta"]) == (a["stage2_method"], a.get("stage2_beta", 0.1))
     assert t["quality_weighting"] == a["enable_quality_weighting"]
-    assert c["lora"] == {"rank": a["lora_rank"], "alpha": a["lora_alpha"], "dropout": a["lora_dropout"],
-                         "target_modules": a["lora_target_modules"], "num_layers": a["lora_num_layers"],
-                         "use_dora": a["lora_use_dora"]}
+    assert t["fine_tune"] == a["fine_tune"]
+    if a["fine_tune"] == "lora":  # full fine-tuning asks no LoRA question
+        assert c["lora"] == {"rank": a["lora_rank"], "alpha": a["lora_alpha"], "dropout": a["lora_dropout"],
+                             "target_modules": a["lora_target_modules"], "num_layers": a["lora_num_layers"],
+                             "use_dora": a["lora_use_dora"]}
+    else:
+        assert "lora_rank" not in a and c["lora"]["use_dora"] is False
     d = c["dataset"]
     for name in ("instruction_field", "input_field", "system_field", "output_field", "quality_field", "metadata_field"):
         assert d[name] == (a[name] or None), name

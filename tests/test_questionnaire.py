@@ -39,7 +39,8 @@ BAD_ANSWERS = {
     "lora_dropout": [(1.0, {})],
     "lora_target_modules": [("q_proj", {}), ([], {}), (["q proj"], {}), ({"q_proj": 1}, {}), (["q_proj\n"], {})],
     "lora_num_layers": [(0, {}), (-2, {})],
-    "export_formats": [("gguf", {}), (["onnx"], {}), ({"gguf": 1}, {})],
+    "export_formats": [("gguf", {}), (["onnx"], {}), ({"gguf": 1}, {}), (["adapters"], {"fine_tune": "full"})],
+    "fine_tune": [("full", {"quantization": "q4"})],
     "instruction_field": [("bad!", {}), ("", {}), ("instruction\n", {})],
     "input_field": [("bad!", {})],
     "system_field": [("bad!", {})],
@@ -58,7 +59,7 @@ BAD_ANSWERS = {
     "hf_repo_prefix": [("-bad", {"enable_huggingface_upload": True}), ("me\n", {"enable_huggingface_upload": True})],
 }
 CHOICE_ANSWERS = {"model_type": "gpt", "quantization": "q3", "num_stages": 3, "backend": "jax", "dataset_format": "xml",
-                  "stage1_method": "ppo", "stage2_method": "kto"}
+                  "stage1_method": "ppo", "stage2_method": "kto", "fine_tune": "qlora"}
 
 
 def test_every_question_has_type_and_help():

@@ -147,6 +147,7 @@ def test_set_value_changes_one_line_and_refuses_what_would_not_load(project):
     from trainer.errors import ProjectError
 
     path = project / "config" / "fine_tuning_config.yaml"
+    path.write_text(path.read_text().replace("fine_tune: full", "fine_tune: lora"))  # a quantized base needs LoRA
     before = path.read_text()
     set_value(path, "base_model.local_path", "models/mine")
     set_value(path, "base_model.quantization", "q4")  # a trailing comment stays

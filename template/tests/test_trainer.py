@@ -193,9 +193,12 @@ def test_configure_creates_the_run_layout(prepared):
     run_dir = Path(result["run_directory"])
     assert result["run_id"].startswith("first-") and run_dir.parent == prepared.resolve("runs")
     stages = range(1, prepared.training.num_stages + 1)
+    full = prepared.training.fine_tune == "full"
+    output = "model" if full else "adapters"  # a full fine-tune saves whole models
     for stage in stages:
-        for sub in ("adapters", "checkpoints", "training-data", "evaluation"):
+        for sub in (output, "checkpoints", "training-data", "evaluation"):
             assert (run_dir / f"stage{stage}" / sub).is_dir()
+        assert not (run_dir / f"stage{stage}" / ("adapters" if full else "model")).exists()
     assert not (run_dir / "final-model").exists()  # it holds the final adapter once the run completes
     manifest = json.loads((run_dir / "run-manifest.json").read_text())
     assert manifest["schema_version"] == "2.0"
@@ -205,7 +208,8 @@ def test_configure_creates_the_run_layout(prepared):
     assert data["train"]["sha256"] == hashlib.sha256(
         (run_dir / data["train"]["path"]).read_bytes()).hexdigest()
     if prepared.training.num_stages == 2:
-        assert manifest["stages"]["stage2"]["parent_adapter"] == "stage1/adapters"
+        entry = manifest["stages"]["stage2"]
+        assert (entry["parent_model"] if full else entry["parent_adapter"]) == f"stage1/{output}"
         assert manifest["stages"]["stage2"]["replay"]["ratio"] == prepared.training.stage2.replay_ratio
     status = RunManager(prepared).status(result["run_id"])
     assert status["status"] == "not_started" and status["process_alive"] is False
