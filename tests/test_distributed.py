@@ -74,8 +74,12 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def adapter_weights(run_dir: Path, stage: int, backend: str) -> dict[str, np.ndarray]:
+    """What the stage trained: its adapter, or the whole model (training.fine_tune full)."""
     from safetensors.numpy import load_file
 
+    model = run_dir / f"stage{stage}" / "model"
+    if model.is_dir():
+        return {k: v for file in sorted(model.glob("*.safetensors")) for k, v in load_file(str(file)).items()}
     name = "adapters.safetensors" if backend == "mlx" else "adapter_model.safetensors"
     return load_file(str(run_dir / f"stage{stage}" / "adapters" / name))
 
@@ -90,11 +94,13 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["transformers", "mlx"])
-def test_two_processes_train_what_one_process_trains(project, backend):
+@pytest.mark.parametrize(("backend", "fine_tune"), [("transformers", "lora"), ("mlx", "lora"),
+                                                    ("transformers", "full"), ("mlx", "full")])
+def test_two_processes_train_what_one_process_trains(project, backend, fine_tune):
     runs = {}
     for processes in (1, 2):
-        run_id = configure(project, f"{backend}-{processes}p", backend)
+        run_id = configure(project, f"{backend}-{fine_tune}-{processes}p", backend,
+                           **{"training.fine_tune": fine_tune})
         code, results, err = launch(project, backend, processes, "--run-id", run_id)
         assert code == 0, err[-4000:]
         assert len(results) == processes and all(r == results[0] for r in results), "every rank reports rank 0's"
@@ -117,7 +123,11 @@ def test_two_processes_train_what_one_process_trains(project, backend):
         single, double = adapter_weights(runs[1], stage, backend), adapter_weights(runs[2], stage, backend)
         assert single.keys() == double.keys()
         for name in single:
-            np.testing.assert_allclose(double[name], single[name], rtol=1e-3, atol=2e-5, err_msg=name)
+            off = np.abs(double[name] - single[name]) > 2e-5 + 1e-3 * np.abs(single[name])
+            # Adam divides by the root of the squared gradients: an element whose gradient nearly cancels
+            # (summed in another order by two ranks) can take a different step; in full fine-tuning of the
+            # tied embedding a handful of its 56k elements do. All the others agree.
+            assert off.mean() <= (1e-3 if fine_tune == "full" else 0), (name, int(off.sum()), off.size)
         meta = json.loads((runs[2] / f"stage{stage}" / "training_metadata.json").read_text())
         assert meta["distributed"]["processes"] == 2
         assert meta["distributed"]["global_batch_size"] == SETTINGS[f"training.stage{stage}.batch_size"]
@@ -257,3 +267,32 @@ def test_fsdp2_sharded_training_checkpoints_and_resume(project):
     assert out["resumed_from"] == 8
     assert out["val_loss"] == pytest.approx(expected["val_loss"], rel=TOLERANCE)
     assert out["train_loss"] == pytest.approx(expected["train_loss"], rel=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_fsdp2_full_fine_tuning_matches_one_process(project):
+    """Full fine-tuning sharded by FSDP2 over two CPU processes: the losses of one process, and
+    rank 0 saves the whole gathered model, which transformers loads."""
+    extra = {"training.num_stages": 1, "training.fine_tune": "full"}
+    single = configure(project, "fsdp-full-reference", "transformers", **extra)
+    code, _, err = launch(project, "transformers", 1, "--run-id", single)
+    assert code == 0, err[-4000:]
+    sharded = configure(project, "fsdp-full", "transformers", **extra)
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(Path(__file__).parent / "fsdp_on_cpu.py"), str(project), sharded]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = (metrics(project / "runs" / run) for run in (single, sharded))
+    for a, b in zip(one, two, strict=True):
+        for key in ("train_loss", "val_loss"):
+            if a.get(key) is not None:
+                assert b[key] == pytest.approx(a[key], rel=TOLERANCE), (a, b)
+    single_weights = adapter_weights(project / "runs" / single, 1, "transformers")
+    sharded_weights = adapter_weights(project / "runs" / sharded, 1, "transformers")
+    assert single_weights.keys() == sharded_weights.keys()
+    for name, value in single_weights.items():
+        off = np.abs(sharded_weights[name] - value) > 2e-5 + 1e-3 * np.abs(value)
+        assert off.mean() <= 1e-3, (name, int(off.sum()))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(project / "runs" / sharded / "stage1" / "model")

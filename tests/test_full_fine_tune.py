@@ -62,7 +62,7 @@ def test_every_weight_trains_and_both_engines_take_the_same_steps(project, runs)
     base = project / "models" / "tiny-llama"
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
     ids = list(range(5, 40))
-    for backend, out in runs.items():
+    for out in runs.values():
         run_dir = project / "runs" / out["run_id"]
         manifest = json.loads((run_dir / "run-manifest.json").read_text())
         for number in (1, 2):
