@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import rows
 
-from trainer.data.training_data import collate, pack
+from trainer.data.training_data import collate, pack, pack_width
 from trainer.engines import fast_paths
 from trainer.engines.backends import installed, make_backend
 from trainer.engines.base_trainer import TrainingError
@@ -22,7 +22,7 @@ def test_packing_lays_every_row_out_once_with_its_own_positions():
     data = rows(500, count=9)
     plain = collate(data, range(9), pad_id=0, multiple=8)
     packed = collate(data, range(9), pad_id=0, multiple=8, packed=True)
-    assert packed.ids.shape[1] == plain.ids.shape[1] and packed.ids.shape[0] < plain.ids.shape[0]
+    assert plain.ids.shape[1] <= packed.ids.shape[1] <= 2 * plain.ids.shape[1] and packed.ids.size < plain.ids.size
     assert packed.tokens == plain.tokens == data.token_count() and packed.targets == plain.targets
     found = []
     for b in range(packed.ids.shape[0]):  # split each sequence where the positions restart
@@ -38,6 +38,10 @@ def test_packing_lays_every_row_out_once_with_its_own_positions():
         for j, row in enumerate(data.tokens):
             assert batch.labels[batch.owners == j].tolist() == row[data.starts[j]:]
     assert pack([5, 3, 3, 2], 6) == [[0], [1, 2], [3]]  # longest first, each into the fullest bin it fits
+    # a width a little above the longest row can hold the short rows beside the long ones: 2 sequences of
+    # 120 instead of 3 of 104; wider than needed costs attention, so 104 stays where it packs as well
+    assert pack_width([100, 90, 20, 20], 8) == 120 and pack([100, 90, 20, 20], 120) == [[0, 2], [1, 3]]
+    assert pack_width([100, 60, 60, 40, 40], 8) == 104
 
 
 def test_target_selection_is_padded_to_few_sizes():

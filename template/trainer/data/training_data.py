@@ -245,6 +245,21 @@ def pack(lengths: list[int], width: int) -> list[list[int]]:
     return bins
 
 
+# Attention's share of a token's work grows with the sequence width: about width / 3000 of the
+# linear layers' in a 135M model (less in larger ones), so wider packed sequences pay for their
+# better fill with attention over more positions.
+ATTENTION_PER_WIDTH = 1 / 3000
+
+
+def pack_width(lengths: list[int], multiple: int) -> int:
+    """The packed sequences' width: from the longest row up to twice it (in steps of `multiple`),
+    the one whose sequences cost least (positions, with attention's share: ATTENTION_PER_WIDTH)."""
+    shortest = round_up(max(lengths), multiple)
+    step = max(multiple, 8)
+    return min(range(shortest, 2 * shortest + 1, step),
+               key=lambda w: len(pack(lengths, w)) * w * (1 + w * ATTENTION_PER_WIDTH))
+
+
 def select_size(count: int, multiple: int) -> int:
     """`select` is padded to one of few sizes (compiled steps recompile for every new shape):
     a multiple of `multiple` and of a quarter of the power of two below it, at most 25% waste."""
@@ -256,12 +271,14 @@ def select_size(count: int, multiple: int) -> int:
 
 def collate(data: TokenizedSet, indices, pad_id: int, multiple: int = 1, packed: bool = False) -> Batch:
     """Right-padded to the longest row, rounded up to `multiple` (fewer distinct shapes for
-    compiled steps); padding never counts in the loss. With `packed`, rows share sequences of
-    that width (pack) with their positions restarting at each row, so padding all but goes."""
+    compiled steps); padding never counts in the loss. With `packed`, rows share sequences
+    (pack, as wide as pack_width finds cheapest) with their positions restarting at each row,
+    so padding all but goes."""
     rows = [data.tokens[i] for i in indices]
     starts = [data.starts[i] for i in indices]
-    width = round_up(max(len(r) for r in rows), multiple)
-    layout = pack([len(r) for r in rows], width) if packed else [[j] for j in range(len(rows))]
+    lengths = [len(r) for r in rows]
+    width = pack_width(lengths, multiple) if packed else round_up(max(lengths), multiple)
+    layout = pack(lengths, width) if packed else [[j] for j in range(len(rows))]
     ids = np.full((len(layout), width), pad_id, dtype=np.int32)
     positions = np.zeros((len(layout), width), dtype=np.int32) if packed else None
     select, labels, owners = [], [], []
