@@ -167,7 +167,16 @@ class ExportResult(JobFields):
         default=None, description="gguf: the export answering a chat prompt in llama.cpp (a child process) vs "
                                   "the merged model in transformers: checked, same_greedy_text, same_first_token, "
                                   "stopped_at_end_of_turn, end_of_turn, both texts (delimited, untrusted), and "
-                                  "crash (signal, advice) when llama.cpp itself crashed")
+                                  "crash (signal, advice) when llama.cpp itself crashed; top1_agreement (llama.cpp's "
+                                  "top token after each of the merged model's greedy tokens: the measure for "
+                                  "quantized types), end_of_turn_is_end_of_generation, gguf_chat_template_matches")
+    modelfile: Optional[str] = Field(
+        default=None, description="gguf: the Ollama Modelfile beside the GGUF (create the model with "
+                                  "`ollama create NAME -f <this path>`); null when the chat template could not be "
+                                  "translated (gguf_details.modelfile.reason says why)")
+    gguf_details: Optional[dict[str, Any]] = Field(
+        default=None, description="gguf: size_mb, tensor_types, quantize (llama.cpp's quantizer: seconds, sizes) "
+                                  "for types past q8_0, and modelfile (written, family, stop, system, reason)")
 
 
 class StartResult(BaseModel):

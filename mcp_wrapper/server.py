@@ -414,8 +414,12 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
             description="export folder, relative to the project or absolute inside the allowed roots "
                         "(default: exports/<run>-stage<N>-<format>)")] = None,
         merge_adapters: Annotated[bool, Field(description="merge the LoRA adapter into the base model")] = True,
-        quantization: Annotated[Optional[Literal["f32", "f16", "q8_0", "none", "q4", "q8"]], Field(
-            description="gguf: f32, f16, q8_0; mlx: none, q4, q8 (default: the project's config)")] = None,
+        quantization: Annotated[Optional[Literal[
+            "f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s",
+            "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs", "none", "q4", "q8"]], Field(
+            description="gguf: f32, f16, q8_0 (this exporter), or q4_k_m, q5_k_m, q6_k, q4_0 and llama.cpp's other "
+                        "types (its own quantizer, from llama-cpp-python; refused with the list where the installed "
+                        "library lacks one); mlx: none, q4, q8 (default: the project's config)")] = None,
         overwrite: Annotated[bool, Field(description="replace an existing export folder")] = False,
         upload_to_huggingface: Annotated[bool, Field(
             description="upload the export to the Hugging Face Hub (token from HF_TOKEN in the server's "
@@ -426,7 +430,8 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
         wait_seconds: WaitSeconds = WAIT_DEFAULT,
         ctx: Context = None,
     ) -> ExportResult:
-        """Export a completed stage for deployment; returns the path, size in MB and usage instructions."""
+        """Export a completed stage for deployment; returns the path, size in MB and usage instructions (gguf
+        also: an Ollama Modelfile and llama.cpp's check of the file)."""
         return await call(tools.export, project_path, run_id, stage, export_format, export_path, merge_adapters,
                           quantization, overwrite, upload_to_huggingface, hf_repo_id, dry_run,
                           await client_roots(ctx), wait_seconds, ticker(ctx, "export_model"))

@@ -487,6 +487,13 @@ def _exported(result: dict[str, Any]) -> ExportResult:
                                                  if check.get(k) is not None}}
         if check.get("crash", {}).get("stderr"):
             fields["llama_cpp_check"]["crash"] = {**check["crash"], "stderr": untrusted(check["crash"]["stderr"])}
+    details = result.get("details") or {}
+    if details.get("gguf_file"):
+        modelfile = dict(details.get("modelfile") or {})
+        if modelfile.get("system"):  # from the training data or the model's template: untrusted text
+            modelfile["system"] = untrusted(modelfile["system"])
+        fields["gguf_details"] = {k: details[k] for k in ("gguf_file", "size_mb", "tensor_types", "quantize")
+                                  if k in details} | {"modelfile": modelfile}
     return ExportResult(**fields)
 
 

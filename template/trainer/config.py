@@ -305,15 +305,15 @@ class EvaluationSection(Section):
 
 
 EXPORT_FORMATS = ("adapters", "safetensors", "huggingface", "mlx", "gguf")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s",
+              "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")  # past q8_0: llama.cpp's quantizer
 
 
 class ExportSection(Section):
-    # Formats this project means to export; a run's configuration checks the base model's
-    # architecture against them, so an unsupported one is known before training.
-    formats: list[Literal["adapters", "safetensors", "huggingface", "mlx", "gguf"]] = Field(
-        default_factory=lambda: ["adapters", "huggingface"])
+    # Formats this project means to export: checked against the base model when a run is configured
+    formats: list[Literal[EXPORT_FORMATS]] = Field(default_factory=lambda: ["adapters", "huggingface"])
     output_dir: Path = Path("exports")
-    gguf_quantization: Literal["f32", "f16", "q8_0"] = "q8_0"
+    gguf_quantization: Literal[GGUF_TYPES] = "q8_0"
     mlx_quantization: Literal["none", "q4", "q8"] = "none"
 
 

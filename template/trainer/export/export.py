@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer.config import EXPORT_FORMATS, FineTuningConfig
-from trainer.export import export_target, gguf_check, gguf_export, hub, model_card
+from trainer.export import export_target, gguf_check, gguf_export, gguf_quantize, hub, model_card, ollama
 from trainer.files import TEMP_PREFIX, write_atomic
 from trainer.models.gguf_support import architecture, check_planned  # noqa: F401  (re-exported, they were here)
 from trainer.models.merge import ExportError, adapter_into, fuse_mlx, merge_hf, model_type
@@ -30,7 +30,8 @@ from trainer.runs.training_run_manager import RunError, RunManager, now, stage_o
 QUANTIZATIONS = {"gguf": gguf_export.QUANTIZATIONS, "mlx": ("none", "q4", "q8")}
 
 
-def usage(fmt: str, path: Path, merged: bool, base: str, gguf_file: Optional[str] = None) -> str:
+def usage(fmt: str, path: Path, merged: bool, base: str, gguf_file: Optional[str] = None, modelfile: bool = False,
+          name: str = "my-model") -> str:
     if fmt == "adapters" or (fmt in ("safetensors", "huggingface") and not merged):
         return (f"transformers + peft:\n    from peft import PeftModel\n    from transformers import "
                 f"AutoModelForCausalLM\n    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
@@ -48,7 +49,10 @@ def usage(fmt: str, path: Path, merged: bool, base: str, gguf_file: Optional[str
         return f"mlx-lm:\n    mlx_lm.generate --model {base} --adapter-path {path} --prompt 'Hello'\n"
     return (f"llama.cpp:\n    llama-cli -m {path / gguf_file} -cnv\n"
             f"llama-cpp-python:\n    from llama_cpp import Llama\n    llm = Llama(model_path='{path / gguf_file}')\n"
-            f"Ollama:\n    echo 'FROM {path / gguf_file}' > Modelfile && ollama create my-model -f Modelfile\n")
+            + (f"Ollama (the Modelfile holds the chat template, stop tokens and generation defaults):\n"
+               f"    ollama create {name} -f {path / 'Modelfile'}\n    ollama run {name}\n" if modelfile else
+               f"Ollama (no Modelfile: see details.modelfile.reason):\n    echo 'FROM {path / gguf_file}' > Modelfile "
+               f"&& ollama create {name} -f Modelfile\n"))
 
 
 def _size_mb(folder: Path) -> float:
@@ -90,7 +94,7 @@ def default_path(config: FineTuningConfig, run_id: str, stage: int, fmt: str, qu
 
 
 def _build(fmt: str, merge: bool, quantization: str, source: str, adapter: Optional[Path], target: Path,
-           generation: dict[str, Any], name: str) -> dict[str, Any]:
+           generation: dict[str, Any], name: str, context: int = 2048, system: Optional[str] = None) -> dict[str, Any]:
     """Write the export's model files into the empty folder `target` (`adapter` None: `source`
     is the whole model a full fine-tune trained, and merge is true)."""
     if fmt == "adapters":
@@ -112,12 +116,43 @@ def _build(fmt: str, merge: bool, quantization: str, source: str, adapter: Optio
     try:
         facts = merge_hf(source, adapter, merged, generation)
         file = f"{name}-{quantization}.gguf"
-        facts.update(gguf_export.convert(merged, target / file, quantization, name))
+        if quantization in gguf_export.QUANTIZATIONS:
+            facts.update(gguf_export.convert(merged, target / file, quantization, name))
+        else:  # f16 by this converter, then llama.cpp's own quantizer
+            f16 = merged / f"{name}-f16.gguf"
+            facts.update(gguf_export.convert(merged, f16, "f16", name))
+            try:
+                facts["quantize"] = gguf_quantize.quantize(f16, target / file, quantization)
+            except gguf_quantize.QuantizeError as error:
+                raise ExportError(str(error)) from None
+            facts["quantization"] = quantization
         facts["gguf_file"] = file
+        facts["size_mb"] = round((target / file).stat().st_size / 1e6, 3)
         facts["llama_cpp_check"] = _check_in_llama_cpp(target / file, merged)
+        facts["modelfile"] = _modelfile(target, file, merged, generation, context, system)
     finally:
         shutil.rmtree(merged, ignore_errors=True)
     return facts
+
+
+def _modelfile(target: Path, file: str, merged: Path, generation: dict[str, Any], context: int,
+               system: Optional[str]) -> dict[str, Any]:
+    """An Ollama Modelfile beside the GGUF, or why there is none (a template no family reproduces)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    field = gguf.GGUFReader(str(target / file)).get_field("tokenizer.ggml.add_bos_token")
+    bos_added = bool(field.contents()) if field is not None else False
+    try:
+        translation = ollama.translate(AutoTokenizer.from_pretrained(merged), bos_added)
+        text = ollama.modelfile(file, translation, generation, context, system)
+        ollama.parse(text)  # what Ollama's parser would refuse is not written
+    except ollama.ModelfileError as error:
+        return {"written": False, "reason": str(error)}
+    write_atomic(target / "Modelfile", text)
+    return {"written": True, "path": "Modelfile", "family": translation.family, "stop": translation.stop,
+            "system": system if system is not None else translation.default_system,
+            "checked_conversations": translation.checked}
 
 
 def _check_in_llama_cpp(file: Path, merged: Path) -> dict[str, Any]:
@@ -167,9 +202,11 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir()
         try:
+            system = ollama.training_system_prompt(run_dir / f"stage{stage}" / "training-data" / "train.jsonl")
             facts = _build(fmt, merge, chosen, source, adapter, building, run_config.evaluation.generation.model_dump(),
-                           name)
-            how = usage(fmt, target, merged, source, facts.get("gguf_file"))
+                           name, run_config.training.max_seq_length, system)
+            how = usage(fmt, target, merged, source, facts.get("gguf_file"),
+                        (facts.get("modelfile") or {}).get("written", False), name)
             write_atomic(building / "README.md", model_card.render(manifest, run_dir, stage, fmt, merged, how))
             export_target.mark(building, config, {"run_id": run_id, "stage": stage, "export_format": fmt,
                                                   "created_at": now()})
@@ -189,6 +226,7 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
             "success": True, "export_path": str(target), "export_format": fmt, "stage": stage, "run_id": run_id,
             "merged": merged, "quantization": chosen, "model_size_mb": _size_mb(target),
             "files": hub.files_of(target), "huggingface_url": None, "usage_instructions": how, "details": facts,
+            "modelfile": str(target / "Modelfile") if (facts.get("modelfile") or {}).get("written") else None,
         }
         if upload:
             uploaded = hub.upload(target, repo_id, config.huggingface.private_repos, dry_run, hub_api)

@@ -1,8 +1,12 @@
 """Check a GGUF export in llama.cpp (llama-cpp-python), in a child process.
 
 The check answers a chat prompt with the GGUF's greedy decoding and with the merged Hugging
-Face model it was converted from, and reports whether the texts agree and whether llama.cpp
-stopped at the end-of-turn token. llama.cpp runs in a child process because a llama.cpp built
+Face model it was converted from, and reports whether the texts agree, whether llama.cpp
+stopped at the end-of-turn token (and counts that token as an end of generation), how often
+llama.cpp's top token agrees with the merged model's greedy tokens when fed them (the measure
+for quantized types, whose free-running text may part ways after a near tie), and whether the
+GGUF's own chat template (what llama.cpp's chat mode renders) gives the prompt's very tokens.
+llama.cpp runs in a child process because a llama.cpp built
 for the host CPU can die outright on some CPUs (SIGILL or a segfault in its CPU weight
 repacking, seen with AMX on Intel Sapphire Rapids and later): the export then reports the crash
 and what to do, instead of dying with it. After such a crash the check is retried with the
@@ -35,14 +39,18 @@ def available() -> bool:
 
 
 def decode(file: Path, prompt_ids: list[int], max_tokens: int, repack: bool = True,
-           command: Optional[list[str]] = None) -> dict[str, Any]:
+           command: Optional[list[str]] = None, expected: Optional[list[int]] = None,
+           messages: Optional[list[dict[str, str]]] = None) -> dict[str, Any]:
     """Greedy decoding of `prompt_ids` by llama.cpp in a child process: {"tokens", "stopped",
-    "version"}, or {"crashed": signal name} when the child died of a signal."""
+    "version"}, or {"crashed": signal name} when the child died of a signal. With `expected`
+    (the merged model's greedy tokens) also llama.cpp's own top token at each of them, fed the
+    expected ones before it; with `messages` also the prompt its own chat template renders."""
     file = file.resolve()  # the child runs in the file's folder
     child = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     argv = (command or [sys.executable, "-c", child, __file__]) + [str(file), str(max_tokens), "1" if repack else "0"]
     try:
-        out = subprocess.run(argv, input=json.dumps(prompt_ids), capture_output=True, text=True, timeout=TIMEOUT,
+        request = {"prompt": prompt_ids, "expected": expected or [], "messages": messages or []}
+        out = subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True, timeout=TIMEOUT,
                              cwd=file.parent)
     except subprocess.TimeoutExpired:
         return {"crashed": f"no answer within {TIMEOUT} s"}
@@ -86,10 +94,12 @@ def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=True)["input_ids"]
+    messages = [{"role": "user", "content": PROMPT}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
     result: dict[str, Any] = {"checked": True, "prompt": PROMPT, "max_tokens": max_tokens}
-    answer = decode(file, ids, max_tokens, True, command)
+    expected, ended = reference(model_dir, tokenizer, ids, max_tokens)
+    answer = decode(file, ids, max_tokens, True, command, expected, messages)
     if "crashed" in answer:
         result["crash"] = {
             "signal": answer["crashed"], "with": "llama.cpp's CPU weight repacking on (its default)",
@@ -97,13 +107,12 @@ def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[
             "advice": "this llama-cpp-python was built for a CPU feature its kernels then crash on (AMX on Intel "
                       f"Sapphire Rapids and later is the known case); rebuild it portable: {REBUILD}; or load "
                       "with Llama(..., use_extra_bufts=False) where the library allows it"}
-        answer = decode(file, ids, max_tokens, False, command)
+        answer = decode(file, ids, max_tokens, False, command, expected, messages)
         if "crashed" in answer:
             result.update(checked=False, reason=f"llama.cpp crashed ({answer['crashed']}) with repacking on and "
                                                 f"off; the file is unverified: {result['crash']['advice']}")
             return result
         result["crash"]["retried"] = "works with repacking off (use_extra_bufts=False): the file is fine"
-    expected, ended = reference(model_dir, tokenizer, ids, max_tokens)
     got = answer["tokens"]
     # the end of the turn counts as a token: both ending at once is agreement
     mine, theirs = got + ["end"] * answer["stopped"], expected + ["end"] * ended
@@ -111,7 +120,14 @@ def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[
         llama_cpp_version=answer.get("version"), llama_cpp_text=tokenizer.decode(got),
         transformers_text=tokenizer.decode(expected), same_greedy_text=mine == theirs,
         same_first_token=mine[:1] == theirs[:1], stopped_at_end_of_turn=answer["stopped"],
-        transformers_stopped=ended, end_of_turn=answer.get("end_token"))
+        transformers_stopped=ended, end_of_turn=answer.get("end_token"),
+        # llama.cpp's top token after each of the merged model's greedy tokens (teacher-forced): how far a
+        # quantized file agrees, past the first divergence of free-running greedy text
+        top1_agreement=(sum(a == b for a, b in zip(answer.get("top", []), expected, strict=False)) / len(expected)
+                        if expected else None),
+        end_of_turn_is_end_of_generation=answer.get("eot_is_eog"), end_of_turn_token=answer.get("eot_text"))
+    if answer.get("template_prompt") is not None:  # the GGUF's own chat template, as llama.cpp's chat mode uses it
+        result["gguf_chat_template_matches"] = answer["template_prompt"] == ids
     return result
 
 
@@ -119,9 +135,10 @@ def _child(file: str, max_tokens: int, repack: bool) -> None:
     """In the child: load, decode greedily, print one JSON line."""
     import llama_cpp
 
-    prompt = json.loads(sys.stdin.read())
+    request = json.loads(sys.stdin.read())
+    prompt, expected = request["prompt"], request["expected"]
     kwargs: dict[str, Any] = {"model_path": file, "n_ctx": len(prompt) + max_tokens + 8, "verbose": False,
-                              "n_threads": 2}
+                              "n_threads": 2, "logits_all": bool(expected)}
     llm = llama_cpp.Llama(**kwargs) if repack else _without_repacking(llama_cpp, kwargs)
     vocab = llama_cpp.llama_model_get_vocab(llm.model) if hasattr(llama_cpp, "llama_model_get_vocab") else None
     tokens: list[int] = []
@@ -133,7 +150,28 @@ def _child(file: str, max_tokens: int, repack: bool) -> None:
         tokens.append(int(token))
         if len(tokens) >= max_tokens:
             break
-    print(json.dumps({"tokens": tokens, "stopped": stopped, "end_token": end, "version": llama_cpp.__version__}))
+    found: dict[str, Any] = {"tokens": tokens, "stopped": stopped, "end_token": end, "version": llama_cpp.__version__}
+    if expected:
+        llm.reset()
+        llm.eval(prompt + expected)
+        found["top"] = [int(row.argmax()) for row in llm.scores[len(prompt) - 1:len(prompt) - 1 + len(expected)]]
+    if vocab is not None:
+        eot = llama_cpp.llama_vocab_eot(vocab)
+        if eot >= 0:
+            found.update(eot_is_eog=bool(llama_cpp.llama_vocab_is_eog(vocab, eot)),
+                         eot_text=llm.detokenize([eot], special=True).decode(errors="replace"))
+    template = llm.metadata.get("tokenizer.chat_template")
+    if template and request["messages"]:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        names = {"bos": llama_cpp.llama_vocab_bos, "eos": llama_cpp.llama_vocab_eos}
+        text = {k: llm.detokenize([f(vocab)], special=True).decode() if vocab is not None and f(vocab) >= 0 else ""
+                for k, f in names.items()}
+        formatted = Jinja2ChatFormatter(template, eos_token=text["eos"], bos_token=text["bos"],
+                                        add_generation_prompt=True)(messages=request["messages"])
+        add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        found["template_prompt"] = llm.tokenize(formatted.prompt.encode(), add_bos=add_bos, special=True)
+    print(json.dumps(found))
 
 
 def _without_repacking(llama_cpp: Any, kwargs: dict[str, Any]) -> Any:

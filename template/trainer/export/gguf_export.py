@@ -19,15 +19,25 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from trainer.export import gguf_quantize
 from trainer.models.gguf_support import CL100K, SUPPORTED, GGUFError, tokenizer_pre, unsupported  # noqa: F401
 
-QUANTIZATIONS = ("f32", "f16", "q8_0")
+QUANTIZATIONS = gguf_quantize.OURS  # what this converter writes; llama.cpp's quantizer takes it further
 PERMUTED = {"llama"}  # HF's rotate-half q/k layout is permuted to llama.cpp's interleaved rope
+
+
 def check(model_type: str, quantization: str = "f16") -> None:
+    """Refuse an architecture or a type this export cannot write (the types: ours, and those the
+    installed llama-cpp-python's quantizer offers)."""
     if model_type not in SUPPORTED:
         raise unsupported(model_type)
-    if quantization not in QUANTIZATIONS:
-        raise GGUFError(f"GGUF quantization '{quantization}' is not supported; use one of {', '.join(QUANTIZATIONS)}")
+    available = list(QUANTIZATIONS) + gguf_quantize.offered()
+    if quantization not in available:
+        missing = quantization in gguf_quantize.LLAMA
+        raise GGUFError(f"GGUF quantization '{quantization}' is not "
+                        + ("offered here: it needs llama.cpp's quantizer (pip install llama-cpp-python)" if missing
+                           else "supported") + f"; available: {', '.join(available)}",
+                        details={"available": available})
 
 
 def _added_tokens(model_dir: Path) -> dict[int, tuple[str, bool]]:
@@ -88,7 +98,11 @@ def _sentencepiece_vocabulary(writer, model_dir: Path, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(writer)
+    special = gguf.SpecialVocab(model_dir, n_vocab=len(tokens))
+    from transformers import AutoTokenizer
+
+    _end_of_turn(special, AutoTokenizer.from_pretrained(model_dir))
+    special.add_to_gguf(writer)
 
 
 def _vocabulary(writer, model_dir: Path, vocab_size: int) -> None:
@@ -118,7 +132,21 @@ def _vocabulary(writer, model_dir: Path, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # merges, bos/eos/pad ids, add_bos and the chat template, read from the tokenizer files
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    _end_of_turn(special, tokenizer)
+    special.add_to_gguf(writer)
+
+
+def _end_of_turn(special, tokenizer) -> None:
+    """The chat template's end-of-turn token as the GGUF's eot token (llama.cpp's chat mode and
+    Ollama stop there), unless the tokenizer files named one already."""
+    from trainer.engines.base_trainer import END_OF_TURN
+
+    template = special.chat_template if isinstance(special.chat_template, str) else ""
+    vocab = tokenizer.get_vocab()
+    marker = next((t for t in END_OF_TURN if t in template and t in vocab), None)
+    if "eot" not in special.special_token_ids and (marker or tokenizer.eos_token_id is not None):
+        special.special_token_ids["eot"] = vocab[marker] if marker else tokenizer.eos_token_id
 
 
 def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
