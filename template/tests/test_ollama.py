@@ -34,7 +34,8 @@ OLMO2 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == '
 ZEPHYR = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
 CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi there"},
-                {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Name a river."}]
+                {"role": "assistant", "content": "Hello! How can I help?"},
+                {"role": "user", "content": "Name a river."}]
 
 
 def test_go_templates_render_as_go_renders_them():

@@ -15,8 +15,8 @@ import re
 from typing import Any
 
 ACTION = re.compile(r"{{(-\s)?(.*?)(\s-)?}}", re.DOTALL)
-TOKEN = re.compile(r'\s*(?:(\()|(\))|("(?:[^"\\]|\\.)*")|(-?\d+)|(\$?[A-Za-z_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\$[A-Za-z_]'
-                   r'[A-Za-z0-9_]*|\$|\.)|([A-Za-z_][A-Za-z0-9_]*))')
+TOKEN = re.compile(r'\s*(?:(\()|(\))|("(?:[^"\\]|\\.)*")|(-?\d+)|'
+                   r'(\$?[A-Za-z_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\$[A-Za-z_][A-Za-z0-9_]*|\$|\.)|([A-Za-z_][A-Za-z0-9_]*))')
 
 
 class TemplateError(ValueError):
