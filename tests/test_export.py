@@ -185,6 +185,53 @@ def test_gguf_agrees_with_the_merged_model(tmp_path_factory, model_type):
         assert logits[-1].argmax() == reference[-1].argmax()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "olmo"])
+def test_quantized_types_load_stop_agree_and_come_with_a_modelfile(tmp_path_factory, model_type):
+    """llama.cpp's own quantizer takes the export to K-quants and the other common types; each file
+    loads in llama.cpp, counts the template's end-of-turn token as an end of generation, renders the
+    prompt with its own chat template to the very tokens transformers uses, and agrees with the
+    merged model as stated; the Modelfile beside it follows Ollama's grammar and renders what the
+    tokenizer's chat template renders."""
+    llama_cpp()
+    ollama, go = _project_module("export.ollama"), _project_module("export.go_template")
+    project = make_project(tmp_path_factory.mktemp("quants"), model_type)
+    run_id = run_id_of(train(project, "k", "transformers", model_type, "--set", "training.stage1.iterations=10"))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(project / "models" / f"tiny-{ARCHITECTURES[model_type]}")
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "A river?"}]
+    kinds = ("q4_k_m", "q5_k_m", "q6_k", "q4_0", "q8_0") if model_type == "llama" else ("q4_k_m",)
+    sizes = {}
+    for kind in kinds:
+        result = export(project, run_id, 1, "gguf", "--quantization", kind)
+        details, check = result["details"], result["details"]["llama_cpp_check"]
+        sizes[kind] = details["size_mb"]
+        assert check["checked"] and "crash" not in check, check
+        assert check["end_of_turn_is_end_of_generation"] and check["end_of_turn_token"] == "<|im_end|>", check
+        assert check["gguf_chat_template_matches"], "llama.cpp's chat mode renders the prompt's very tokens"
+        # tiny random models have near-flat logits, so 4-bit rounding flips some top tokens; q8_0 keeps them
+        assert check["top1_agreement"] >= (0.9 if kind == "q8_0" else 0.3), (kind, check)
+        if kind != "q8_0":
+            assert details["quantize"]["quantizer"] == "llama.cpp llama_model_quantize"
+            assert details["quantize"]["size_mb"] < details["quantize"]["source_mb"]
+        parsed = ollama.parse(Path(result["modelfile"]).read_text())
+        assert ("FROM", f"./{details['gguf_file']}") in parsed
+        template = next(value for word, value in parsed if word == "TEMPLATE")
+        rendered = go.render(template, {"Messages": [{"Role": m["role"], "Content": m["content"]}
+                                                     for m in conversation], "System": "Be brief."})
+        assert rendered == tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert {("PARAMETER", "stop <|im_end|>"), ("PARAMETER", "temperature 0.0")} <= set(parsed)
+        assert f"-f {result['modelfile']}" in result["usage_instructions"]  # ollama create NAME -f <Modelfile>
+    if model_type == "llama":
+        assert sizes["q4_k_m"] < sizes["q6_k"] and sizes["q4_0"] < sizes["q8_0"], sizes
+    code, out = script(project, "export.py", "--run-id", run_id, "--stage", "1", "--format", "gguf",
+                       "--quantization", "q4_k_z")
+    assert code != 0 and "available: f32, f16, q8_0, q4_0" in out["error"]["message"] and "q4_k_m" in out[
+        "error"]["message"]
+
+
 CRASHING_LLAMA_CPP = """
 import os, runpy, signal, sys
 if sys.argv[3] == "1" or os.environ.get("CRASH_ALWAYS"):  # repacking on: die as llama.cpp does on AMX CPUs
