@@ -104,6 +104,28 @@ def test_a_few_steps_teach_it_and_every_export_agrees(smol):
     check = gguf["llama_cpp_check"]  # the export's own check: a chat answer, greedy, in both engines
     assert check["checked"] and check["same_greedy_text"] and check["llama_cpp_text"].startswith("<<<untrusted"), check
     assert check["stopped_at_end_of_turn"] and check["end_of_turn"] == "<|im_end|>", check
+    figures = []
+    for kind in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"):  # llama.cpp's own quantizer past q8_0
+        out = mcp_ok(server, "export_model", {**at, "run_id": run_id, "stage": 1, "export_format": "gguf",
+                                              "quantization": kind})
+        check, details = out["llama_cpp_check"], out["gguf_details"]
+        assert check["checked"] and check["end_of_turn_token"] == "<|im_end|>", check
+        assert check["end_of_turn_is_end_of_generation"] and check["gguf_chat_template_matches"], check
+        # K-quants keep the answer and its end; legacy 4-bit q4_0 changes this small model's answer, and says so
+        assert check["stopped_at_end_of_turn"] == ("warning" not in check), check
+        assert (check["stopped_at_end_of_turn"] and check["same_greedy_text"]) or kind == "q4_0", kind
+        # top-1 agreement over the prompt and answer positions (many near ties in the prompt's boilerplate);
+        # measured 2026-12-05: q8_0 0.977, q6_k 0.907, q5_k_m 0.581, q4_k_m 0.814, q4_0 0.698
+        assert check["top1_agreement"] >= {"q8_0": 0.95}.get(kind, 0.5), (kind, check)
+        modelfile = Path(out["modelfile"]).read_text()
+        assert f"FROM ./{details['gguf_file']}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+        # SmolLM2's template adds its own system prompt to conversations without one: so does Ollama, from SYSTEM
+        assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+        assert details["modelfile"]["family"] == "chatml" and details["modelfile"]["system"].startswith("<<<untrusted")
+        figures.append(f"{kind} {details['size_mb']:.1f} MB, {details.get('quantize', {}).get('seconds', 0):.1f} s, "
+                       f"top-1 {check['top1_agreement']:.3f} over {check['agreement_positions']} positions, "
+                       f"same greedy text {check['same_greedy_text']}, ends the turn {check['stopped_at_end_of_turn']}")
+    print("SmolLM2 GGUF types: " + "; ".join(figures))
     print(f"SmolLM2 spell task: val loss {stage['val_loss_before']:.3f} -> {stage['val_loss']:.3f}; tuned logits "
           f"mlx vs transformers {np.abs(mlx_tuned - tuned).max():.2e}, merged "
           f"{np.abs(merged_logits - tuned).max():.2e}, fused mlx {np.abs(fused_logits - tuned).max():.2e}, "

@@ -67,9 +67,11 @@ def decode(file: Path, prompt_ids: list[int], max_tokens: int, repack: bool = Tr
     return json.loads(lines[-1])
 
 
-def reference(model_dir: Path, tokenizer: Any, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], bool]:
+def reference(model_dir: Path, tokenizer: Any, prompt_ids: list[int], max_tokens: int
+              ) -> tuple[list[int], bool, list[int]]:
     """Greedy tokens of the merged Hugging Face model up to its end of turn (the same end-of-turn
-    tokens the project's engines stop at), and whether it got there."""
+    tokens the project's engines stop at), whether it got there, and its top token at every
+    position of the prompt, the answer and its end of turn (teacher-forced)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -83,10 +85,13 @@ def reference(model_dir: Path, tokenizer: Any, prompt_ids: list[int], max_tokens
                              eos_token_id=sorted(ends), pad_token_id=sorted(ends)[0])
     tokens = out[0, len(prompt_ids):].tolist()
     stop = next((i for i, t in enumerate(tokens) if t in ends), None)
-    return (tokens, False) if stop is None else (tokens[:stop], True)
+    sequence = prompt_ids + (tokens if stop is None else tokens[:stop + 1])
+    with torch.no_grad():
+        top = model(torch.tensor([sequence])).logits[0, :-1].argmax(-1).tolist()
+    return (tokens, False, top) if stop is None else (tokens[:stop], True, top)
 
 
-def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[list[str]] = None) -> dict[str, Any]:
+def verify(file: Path, model_dir: Path, max_tokens: int = 64, command: Optional[list[str]] = None) -> dict[str, Any]:
     """The export's llama.cpp check (see the module's docstring). Never raises for a crash of
     llama.cpp; raises LoaderError when llama.cpp rejects the file."""
     if command is None and not available():
@@ -98,8 +103,9 @@ def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                         return_dict=True)["input_ids"]
     result: dict[str, Any] = {"checked": True, "prompt": PROMPT, "max_tokens": max_tokens}
-    expected, ended = reference(model_dir, tokenizer, ids, max_tokens)
-    answer = decode(file, ids, max_tokens, True, command, expected, messages)
+    expected, ended, top = reference(model_dir, tokenizer, ids, max_tokens)
+    forced = (ids + expected + [0])[1:len(top) + 1]  # the sequence both read: prompt, answer, end of turn
+    answer = decode(file, ids, max_tokens, True, command, forced, messages)
     if "crashed" in answer:
         result["crash"] = {
             "signal": answer["crashed"], "with": "llama.cpp's CPU weight repacking on (its default)",
@@ -107,7 +113,7 @@ def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[
             "advice": "this llama-cpp-python was built for a CPU feature its kernels then crash on (AMX on Intel "
                       f"Sapphire Rapids and later is the known case); rebuild it portable: {REBUILD}; or load "
                       "with Llama(..., use_extra_bufts=False) where the library allows it"}
-        answer = decode(file, ids, max_tokens, False, command, expected, messages)
+        answer = decode(file, ids, max_tokens, False, command, forced, messages)
         if "crashed" in answer:
             result.update(checked=False, reason=f"llama.cpp crashed ({answer['crashed']}) with repacking on and "
                                                 f"off; the file is unverified: {result['crash']['advice']}")
@@ -121,11 +127,14 @@ def verify(file: Path, model_dir: Path, max_tokens: int = 24, command: Optional[
         transformers_text=tokenizer.decode(expected), same_greedy_text=mine == theirs,
         same_first_token=mine[:1] == theirs[:1], stopped_at_end_of_turn=answer["stopped"],
         transformers_stopped=ended, end_of_turn=answer.get("end_token"),
-        # llama.cpp's top token after each of the merged model's greedy tokens (teacher-forced): how far a
-        # quantized file agrees, past the first divergence of free-running greedy text
-        top1_agreement=(sum(a == b for a, b in zip(answer.get("top", []), expected, strict=False)) / len(expected)
-                        if expected else None),
+        # both engines' top token at every position of the prompt and the merged model's answer (teacher-
+        # forced): how far a quantized file agrees, past the first divergence of free-running greedy text
+        top1_agreement=round(sum(a == b for a, b in zip(answer.get("top", []), top, strict=False)) / len(top), 4),
+        agreement_positions=len(top),
         end_of_turn_is_end_of_generation=answer.get("eot_is_eog"), end_of_turn_token=answer.get("eot_text"))
+    if ended and not answer["stopped"]:
+        result["warning"] = (f"llama.cpp did not end the turn within {max_tokens} tokens where the merged model "
+                             "did: this type changes the model's answers; prefer a larger one (q4_k_m and up)")
     if answer.get("template_prompt") is not None:  # the GGUF's own chat template, as llama.cpp's chat mode uses it
         result["gguf_chat_template_matches"] = answer["template_prompt"] == ids
     return result
@@ -151,10 +160,10 @@ def _child(file: str, max_tokens: int, repack: bool) -> None:
         if len(tokens) >= max_tokens:
             break
     found: dict[str, Any] = {"tokens": tokens, "stopped": stopped, "end_token": end, "version": llama_cpp.__version__}
-    if expected:
+    if expected:  # the sequence after the first token, fed whole: llama.cpp's top token at every position
         llm.reset()
-        llm.eval(prompt + expected)
-        found["top"] = [int(row.argmax()) for row in llm.scores[len(prompt) - 1:len(prompt) - 1 + len(expected)]]
+        llm.eval([prompt[0]] + expected[:-1])
+        found["top"] = [int(row.argmax()) for row in llm.scores[:len(expected)]]
     if vocab is not None:
         eot = llama_cpp.llama_vocab_eot(vocab)
         if eot >= 0:
