@@ -60,8 +60,16 @@ def test_gguf_support_is_listed():
     gguf_export.check("olmo2", "q8_0")
     with pytest.raises(gguf_export.GGUFError, match="supported: llama, mistral, olmo2"):
         gguf_export.check("gpt_neox")
-    with pytest.raises(gguf_export.GGUFError, match="f32, f16, q8_0"):
-        gguf_export.check("llama", "q2_k")
+    with pytest.raises(gguf_export.GGUFError, match="available: f32, f16, q8_0") as caught:
+        gguf_export.check("llama", "q4_k_z")
+    # llama.cpp's types when its quantizer is installed, and said so when it is not
+    offered = gguf_export.gguf_quantize.offered()
+    assert caught.value.details["available"] == ["f32", "f16", "q8_0", *offered]
+    if offered:
+        gguf_export.check("llama", "q4_k_m")
+    else:
+        with pytest.raises(gguf_export.GGUFError, match="pip install llama-cpp-python"):
+            gguf_export.check("llama", "q4_k_m")
 
 
 @pytest.mark.parametrize(("pre", "model", "expected"), [
@@ -193,6 +201,6 @@ def test_a_llama_cpp_that_dies_is_reported_not_shared(tmp_path: Path):
     refuses = [sys.executable, "-c", "import sys; sys.exit('llama_model_load: error loading model')"]
     with pytest.raises(gguf_check.LoaderError, match="could not run model.gguf .exit 1.: llama_model_load"):
         gguf_check.decode(file, [1, 2], 4, command=refuses)
-    answers = [sys.executable, "-c", "import json, sys; print(json.dumps({'tokens': json.load(sys.stdin), "
+    answers = [sys.executable, "-c", "import json, sys; print(json.dumps({'tokens': json.load(sys.stdin)['prompt'], "
                "'stopped': sys.argv[3] == '0'}))"]
     assert gguf_check.decode(file, [5, 6], 4, repack=False, command=answers) == {"tokens": [5, 6], "stopped": True}
