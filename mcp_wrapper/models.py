@@ -141,6 +141,10 @@ class EvaluateResult(JobFields):
     results_file: Optional[str] = None
     samples_file: Optional[str] = Field(
         default=None, description="generations next to references (model text: untrusted)")
+    lm_eval: Optional[dict[str, Any]] = Field(
+        default=None, description="with lm_eval: lm-evaluation-harness's task (name, rows, its YAML and data), "
+                                  "harness version, and tuned / base: metrics (exact_match) and generations "
+                                  "(untrusted)")
 
 
 class EmissionsReport(BaseModel):

@@ -366,13 +366,16 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
             description="a processed jsonl file, relative to the project (default: the stage's test split)")] = None,
         include_base: Annotated[bool, Field(description="also evaluate the base model")] = True,
         max_samples: Annotated[Optional[int], Field(ge=1, description="only the first N test rows")] = None,
+        lm_eval: Annotated[bool, Field(description=(
+            "also run lm-evaluation-harness (EleutherAI's, as Axolotl, Oumi and torchtune use) on a task written "
+            "in its YAML format over the same rows: chat template, greedy, exact match; base vs tuned"))] = False,
         wait_seconds: WaitSeconds = WAIT_DEFAULT,
         ctx: Context = None,
     ) -> EvaluateResult:
         """Evaluate a completed stage (and the base model): perplexity, exact-match accuracy, BLEU, chrF,
-        thresholds, and after stage 2 a forgetting check on the stage-1 test set."""
+        thresholds, and after stage 2 a forgetting check on the stage-1 test set; optionally lm-evaluation-harness."""
         return await call(tools.evaluate, project_path, run_id, stage, test_dataset, include_base, max_samples,
-                          await client_roots(ctx), wait_seconds, ticker(ctx, "evaluate_model"))
+                          await client_roots(ctx), wait_seconds, ticker(ctx, "evaluate_model"), lm_eval)
 
     @tool(hints(read_only=True))
     async def generate_text(

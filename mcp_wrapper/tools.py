@@ -341,10 +341,10 @@ class Tools(RunTools, JobTools):
 
     def evaluate(self, project_value: str, run_id: str, stage: int, test_dataset: Optional[str],
                  include_base: bool, max_samples: Optional[int], client_roots: Optional[list[Path]],
-                 wait_seconds: float = WAIT_DEFAULT, tick=None) -> EvaluateResult:
+                 wait_seconds: float = WAIT_DEFAULT, tick=None, lm_eval: bool = False) -> EvaluateResult:
         project = self.project(project_value, client_roots)
         self.run_dir(project, run_id, client_roots)
-        args = ["--run-id", run_id, "--stage", str(stage)]
+        args = ["--run-id", run_id, "--stage", str(stage)] + (["--lm-eval"] if lm_eval else [])
         if test_dataset:
             args += ["--test-data", str(self.in_project(project, test_dataset, "test_dataset", client_roots))]
         if not include_base:
@@ -466,10 +466,14 @@ def _base_model(result: dict[str, Any]) -> BaseModelResult:
 
 
 def _evaluated(result: dict[str, Any]) -> EvaluateResult:
+    bench = result.get("lm_eval")
+    if bench:  # the models' generations are untrusted text
+        bench = {**bench, **{who: {**bench[who], "generations": [untrusted(g) for g in bench[who]["generations"]]}
+                             for who in ("tuned", "base") if who in bench}}
     return EvaluateResult(success=True, run_id=result["run_id"], stage=result["stage"],
                           evaluation_results=result["metrics"], base_results=result.get("base"),
                           forgetting=result.get("forgetting"), thresholds=result["thresholds"],
-                          results_file=result["results_file"], samples_file=result["samples_file"])
+                          results_file=result["results_file"], samples_file=result["samples_file"], lm_eval=bench)
 
 
 def _generated(result: dict[str, Any]) -> GenerateTextResult:

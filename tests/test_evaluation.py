@@ -97,3 +97,29 @@ def test_refusals(project):
     assert code == 1 and "has no stage 2" in out["error"]["message"]
     code, out = script(project, "evaluate.py", "--run-id", run_id, "--stage", "1", "--test-data", "nope.jsonl")
     assert code == 1 and "test data not found" in out["error"]["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["transformers", "mlx"])
+def test_lm_evaluation_harness_runs_base_and_tuned_on_a_local_task(project, evaluated, backend):
+    """lm-evaluation-harness on a task it loads from the YAML written over the test split: its greedy
+    answers through the chat template are the project's own, for the tuned model (an mlx adapter
+    converted for peft) and for the base, and its numbers land in results.json."""
+    pytest.importorskip("lm_eval")
+    import yaml
+
+    run_id = evaluated[backend]["run_id"]
+    code, out = script(project, "evaluate.py", "--run-id", run_id, "--stage", "1", "--max-samples", "4", "--lm-eval")
+    assert code == 0, out
+    bench = out["lm_eval"]
+    assert bench["harness"].startswith("lm-eval 0.4") and bench["rows"] == 4
+    task = yaml.safe_load(Path(bench["yaml"]).read_text())
+    assert task["task"] == bench["task"] and task["dataset_path"] == "json" and task["output_type"] == "generate_until"
+    samples = [json.loads(line) for line in Path(out["samples_file"]).read_text().splitlines()]
+    for who, ours in (("tuned", "prediction"), ("base", "base_prediction")):
+        assert 0 <= bench[who]["metrics"]["exact_match"] <= 1 and bench[who]["rows"] == 4
+        assert [g.strip() for g in bench[who]["generations"]] == [s[ours].strip() for s in samples], who
+    assert bench["tuned"]["generations"] != bench["base"]["generations"], "the harness ran the adapter"
+    saved = json.loads(Path(out["results_file"]).read_text())
+    assert saved["lm_eval"]["tuned"]["metrics"] == bench["tuned"]["metrics"]
+

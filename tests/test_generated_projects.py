@@ -31,7 +31,7 @@ SOURCES = {
         "observe": ("__init__", "callbacks", "emissions", "monitor_api", "tracking"),
         "engines": ("__init__", "backends", "base_trainer", "checkpoints", "distributed", "fast_paths", "mlx_trainer",
                     "pipeline", "preference", "recorder", "transformers_trainer"),
-        "evaluate": ("__init__", "evaluation", "generation"),
+        "evaluate": ("__init__", "evaluation", "generation", "harness"),
         "export": ("__init__", "export", "export_target", "gguf_check", "gguf_export", "gguf_quantize", "go_template",
                    "hub", "model_card", "ollama"),
     }.items() for module in modules),
@@ -182,6 +182,7 @@ def test_dependencies_follow_the_answers(generated):
     assert ("transformers" in extras) == (a["backend"] != "mlx")
     assert ("carbon" in extras) == a["enable_carbontracking"]
     assert ("evaluation" in extras) == a["enable_evaluation"]
+    assert ("harness" in extras) == (a["enable_evaluation"] and a["backend"] != "mlx")  # lm-eval runs transformers
     assert ("mlflow" in extras) == a["enable_mlflow"] and ("wandb" in extras) == a["enable_wandb"]
     assert ("hf" in extras) == a["enable_huggingface_upload"]
     assert ("gguf" in extras) == ("llamacpp" in extras) == ("gguf" in a["export_formats"])

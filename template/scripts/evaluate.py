@@ -4,6 +4,7 @@ BLEU, chrF, custom metrics, thresholds, and a forgetting check after stage 2.
 
     python scripts/evaluate.py --run-id ID --stage 1
     python scripts/evaluate.py --run-id ID --stage 2 --test-data data/processed/stage2/test.jsonl --no-base
+    python scripts/evaluate.py --run-id ID --stage 1 --lm-eval   # also lm-evaluation-harness, base vs tuned
 
 Results: runs/<id>/stageN/evaluation/results.json and samples.jsonl.
 """
@@ -23,7 +24,7 @@ def main(args) -> dict:
     config = cli.config_from(args)
     test = guard.check_path(args.test_data, "the test data (--test-data)") if args.test_data else None
     return evaluate_run(config, args.run_id, args.stage, test, include_base=not args.no_base,
-                        max_samples=args.max_samples)
+                        max_samples=args.max_samples, lm_eval=args.lm_eval)
 
 
 def show(result: dict) -> None:
@@ -43,6 +44,11 @@ def show(result: dict) -> None:
         value = "n/a" if info["value"] is None else f"{info['value']:.4f}"
         verdict = {True: "pass", False: "FAIL", None: "not judged (evaluate with the base model)"}[info["passed"]]
         print(f"  {check}: {info['metric']} {value} vs threshold {info['threshold']} -> {verdict}")
+    if "lm_eval" in result:
+        bench = result["lm_eval"]
+        scores = ", ".join(f"{who} {bench[who]['metrics'].get('exact_match', 0):.4f}" for who in ("tuned", "base")
+                           if who in bench)
+        print(f"  lm-evaluation-harness ({bench['harness']}), task {bench['task']}, exact match: {scores}")
     print(f"results: {result['results_file']}\nsamples: {result['samples_file']}")
 
 
@@ -53,5 +59,8 @@ if __name__ == "__main__":
     parser.add_argument("--test-data", metavar="FILE", help="processed jsonl (default: the stage's test split)")
     parser.add_argument("--no-base", action="store_true", help="skip evaluating the base model")
     parser.add_argument("--max-samples", type=int, metavar="N", help="evaluate the first N test rows only")
+    parser.add_argument("--lm-eval", action="store_true",
+                        help="also run lm-evaluation-harness on a task written over the same rows (pip install -e "
+                             "'.[harness]')")
     arguments = parser.parse_args()
     sys.exit(cli.run(main, arguments, show))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from trainer.config import ConfigError, load_config
@@ -88,3 +91,25 @@ def test_threshold_settings_are_validated(project):
     with pytest.raises(ConfigError, match="threshold_metric 'bleu' must be one of the measured metrics"):
         load_config(path, environ={}, overrides={"evaluation.threshold_metric": "bleu",
                                                  "evaluation.metrics": ["perplexity", "chrf"]})
+
+
+def test_the_harness_task_is_written_in_its_yaml_format(tmp_path):
+    import yaml
+
+    from trainer.evaluate import harness
+
+    records = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                             {"role": "assistant", "content": "A1"}]},
+               {"messages": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}]
+    info = harness.write_task(records, tmp_path / "lm-eval", "proj_test", 32)
+    task = yaml.safe_load((tmp_path / "lm-eval" / "proj_test.yaml").read_text())
+    assert task["task"] == "proj_test" and task["output_type"] == "generate_until" and task["test_split"] == "test"
+    assert task["dataset_kwargs"]["data_files"]["test"] == info["data"] and task["generation_kwargs"][
+        "max_gen_toks"] == 32
+    assert task["metric_list"][0]["metric"] == "exact_match" and task["metric_list"][0]["ignore_case"] is True
+    rows = [json.loads(line) for line in Path(info["data"]).read_text().splitlines()]
+    assert rows == [{"prompt": "Q1", "answer": "A1", "system": "S"}, {"prompt": "Q2", "answer": "A2", "system": ""}]
+    with pytest.raises(harness.HarnessError, match="identifiers"):
+        harness.write_task(records, tmp_path, "Bad-Name", 8)
+    with pytest.raises(harness.HarnessError, match="at least one row"):
+        harness.write_task([], tmp_path, "empty", 8)

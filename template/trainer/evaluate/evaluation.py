@@ -14,6 +14,7 @@ import json
 import math
 import re
 import string
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,6 +24,7 @@ from trainer.engines import fast_paths
 from trainer.engines.backends import make_backend
 from trainer.engines.base_trainer import Backend
 from trainer.errors import ProjectError, advice
+from trainer.evaluate import harness
 from trainer.files import sha256_file, write_atomic, write_json
 from trainer.observe.tracking import log_evaluation
 from trainer.runs.training_run_manager import RunError, RunManager, now, stage_output
@@ -111,9 +113,34 @@ def load_stage(config: FineTuningConfig, backend_name: str, run_dir: Path, manif
     return load_inference(config, backend_name, None if full else output, seed, str(output) if full else None)
 
 
+def benchmark(config: FineTuningConfig, run_dir: Path, manifest: dict[str, Any], stage: int,
+              records: list[dict[str, Any]], source: Path, include_base: bool) -> dict[str, Any]:
+    """The stage's model (and the base) on an lm-evaluation-harness task over `records` (trainer.evaluate.harness)."""
+    from trainer.models.merge import adapter_as
+
+    folder = run_dir / f"stage{stage}" / "evaluation" / "lm-eval"
+    name = re.sub(r"[^a-z0-9_]+", "_", f"{config.project.name}_{source.stem}".lower())
+    task = harness.write_task(records, folder, name, config.evaluation.generation.max_tokens)
+    output, full = stage_output(run_dir, manifest, stage)
+    batch = config.training.stage(stage).batch_size
+    with tempfile.TemporaryDirectory(prefix=".tmp-harness-", dir=folder) as scratch:
+        if full:
+            tuned = harness.run(folder, name, str(output), None, batch)
+        else:  # the harness loads adapters with peft: mlx-lm's are converted first
+            tuned = harness.run(folder, name, config.model_source(), adapter_as(
+                output, "peft", config.model_source(), Path(scratch)), batch)
+    result = {**task, "source": str(source), "harness": tuned.pop("harness"), "tuned": tuned}
+    if include_base:
+        result["base"] = harness.run(folder, name, config.model_source(), None, batch)
+        result["base"].pop("harness")
+    return result
+
+
 def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: Optional[Path] = None,
-                 include_base: bool = True, max_samples: Optional[int] = None) -> dict[str, Any]:
-    """Evaluate a completed stage of a run; writes results.json and samples.jsonl."""
+                 include_base: bool = True, max_samples: Optional[int] = None,
+                 lm_eval: bool = False) -> dict[str, Any]:
+    """Evaluate a completed stage of a run; writes results.json and samples.jsonl. With `lm_eval`
+    also on an lm-evaluation-harness task over the same rows (results.json's `lm_eval`)."""
     manager = RunManager(config)
     run_dir = manager.run_dir(run_id)
     with manager.lock(run_id):
@@ -164,11 +191,15 @@ def evaluate_run(config: FineTuningConfig, run_id: str, stage: int, test_file: O
             result["base"], base_samples = evaluate_model(base, records, run_config, batch)
             for sample, answer in zip(samples, base_samples, strict=True):  # side by side in samples.jsonl
                 sample["base_prediction"] = answer["prediction"]
+        if lm_eval:
+            result["lm_eval"] = benchmark(run_config, run_dir, manifest, stage, records, test_file, include_base)
         result["thresholds"] = thresholds(run_config, stage, result)
         folder = run_dir / key / "evaluation"
         write_json(folder / "results.json", result)
         write_atomic(folder / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         summary = {k: metrics[k] for k in ("perplexity", "accuracy", "bleu", "chrf") if k in metrics}
+        if result.get("lm_eval", {}).get("tuned", {}).get("metrics", {}).get("exact_match") is not None:
+            summary["lm_eval_exact_match"] = result["lm_eval"]["tuned"]["metrics"]["exact_match"]
         tracking_error = log_evaluation(config, manifest, stage, summary, folder / "results.json")
         if tracking_error:
             result["tracking_error"] = tracking_error

@@ -73,6 +73,12 @@ def _evaluation(run_dir: Path, stage: int) -> list[str]:
              "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in rows:
         lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" if c in metrics else "-" for c in columns) + " |")
+    bench = data.get("lm_eval")
+    if bench:  # lm-evaluation-harness on a task written over the same rows
+        scores = "; ".join(f"{who} model {', '.join(f'{k} {v:.4f}' for k, v in bench[who]['metrics'].items())}"
+                           for who in ("tuned", "base") if who in bench)
+        lines += ["", f"lm-evaluation-harness ({bench['harness']}), task `{bench['task']}` ({bench['rows']} rows, "
+                      f"chat template, greedy): {scores}."]
     passed = data.get("thresholds", {}).get("passed")
     verdict = {True: "passed", False: "not passed"}.get(passed, "not judged")
     checks = data.get("thresholds", {}).get("checks", {})
