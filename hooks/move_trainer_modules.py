@@ -73,8 +73,8 @@ SPLIT = {
     "export": "architecture() and check_planned() went to trainer/models/gguf_support.py",
     "gguf_export": "SUPPORTED, tokenizer_pre() and GGUFError went to trainer/models/gguf_support.py",
 }
-EXPORT_ROOM = ("export", "export_target", "gguf_export", "gguf_check", "gguf_quantize", "go_template", "hub", "model_card",
-               "ollama")
+EXPORT_ROOM = ("export", "export_target", "gguf_export", "gguf_check", "gguf_quantize", "go_template", "hub",
+               "model_card", "ollama")
 # Folders never searched: tools' and git's anywhere, the project's artefacts at its top level.
 SKIP_ANYWHERE = {".git", ".venv", "venv", "node_modules", "__pycache__", ".tmp", ".mypy_cache", ".ruff_cache"}
 SKIP_TOP = {"runs", "models", "data", "exports", "emissions", "logs", "mlruns", "wandb", "build", "dist"}
