@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 
 import pytest
-from test_training_failures import LOCAL, complete_checkpoints, configure, start, wait_for
+from test_training_failures import LOCAL, configure, kill_9_after
 
 from conftest import render, script
 
@@ -99,11 +98,7 @@ def test_every_weight_trains_and_both_engines_take_the_same_steps(project, runs)
 def test_a_full_stage_resumes_after_kill_9_exactly(project, runs, backend):
     settings = [*SETTINGS, "--set", f"training.backend={backend}"]
     run_id = configure(project, f"killed-{backend}", *settings)
-    proc = start(project, run_id)
-    wait_for(lambda: [i for i in complete_checkpoints(project, run_id, 2) if i >= 10], what="a stage-2 checkpoint")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = complete_checkpoints(project, run_id, 2)
+    done = kill_9_after(project, run_id, 10, stage=2)
     assert done and max(done) < 60, "the kill came after the end; nothing was tested"
     checkpoint = project / "runs" / run_id / "stage2" / "checkpoints" / f"iter-{max(done):07d}"
     assert (checkpoint / "model" / "config.json").is_file(), "a full checkpoint holds the whole model"

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 
 import pytest
-from test_training_failures import LOCAL, complete_checkpoints, configure, start, wait_for
+from test_training_failures import LOCAL, configure, kill_9_after
 
 from conftest import render, script
 
@@ -58,11 +57,7 @@ def test_sft_then_dpo_learns_and_resumes_after_kill_9_exactly(project, backend):
     assert (run_dir / "stage2" / "reference_logps.json").is_file()
 
     run_id = configure(project, f"killed-{backend}", *settings)
-    proc = start(project, run_id)
-    wait_for(lambda: [i for i in complete_checkpoints(project, run_id, 2) if i >= 30], what="a stage-2 checkpoint")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = complete_checkpoints(project, run_id, 2)
+    done = kill_9_after(project, run_id, 30, stage=2)
     assert done and max(done) < 120, "the kill came after the end; nothing was tested"
     cached = (project / "runs" / run_id / "stage2" / "reference_logps.json").read_bytes()
     code, out = script(project, "train.py", "--run-id", run_id, "--resume")

@@ -65,6 +65,17 @@ def wait_for(condition, timeout: float = 180.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def kill_9_after(project: Path, run_id: str, iteration: int, stage: int = 1) -> list[int]:
+    """Train the run in a child, kill -9 it once stage `stage` has a checkpoint at `iteration` or
+    later; returns the stage's complete checkpoints."""
+    proc = start(project, run_id)
+    wait_for(lambda: [i for i in complete_checkpoints(project, run_id, stage) if i >= iteration],
+             what=f"a stage-{stage} checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return complete_checkpoints(project, run_id, stage)
+
+
 def final(proc: subprocess.Popen) -> tuple[int, dict]:
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, json.loads(out.strip().splitlines()[-1])
@@ -77,11 +88,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(project, backend):
     reference = script(project, "train.py", "--name", f"ref-{backend}", *LOCAL, *settings)[1]["stages"]["stage1"]
 
     run_id = configure(project, f"killed-{backend}", *settings)
-    proc = start(project, run_id)
-    wait_for(lambda: [i for i in complete_checkpoints(project, run_id) if i >= 30], what="a checkpoint")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = complete_checkpoints(project, run_id)
+    done = kill_9_after(project, run_id, 30)
     assert done and max(done) < 300, "the kill came after the end; nothing was tested"
     code, status = script(project, "status.py", "--run-id", run_id)
     assert status["status"] == "failed" and status["process_alive"] is False and "--resume" in status["error"]

@@ -225,7 +225,8 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
                  world: distributed.World) -> dict[str, Any]:
     run_dir = manager.run_dir(run_id)
     key = f"stage{number}"
-    entry = manager.manifest(run_id)["stages"][key]
+    manifest = manager.manifest(run_id)
+    entry = manifest["stages"][key]
     section = config.training.stage(number)
     training = config.training
     backend = make_backend(backend_name, training.seed + number, world)
@@ -233,10 +234,10 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
     if config.base_model.local_path is not None and not Path(source).is_dir():
         raise RunError(f"base_model.local_path {source} does not exist", details={"stage": number})
     full = training.fine_tune == "full"
-    output, _ = stage_output(run_dir, manager.manifest(run_id), number)
+    output, _ = stage_output(run_dir, manifest, number)
     parent = None
     if number == 2:
-        parent, _ = stage_output(run_dir, manager.manifest(run_id), 1)
+        parent, _ = stage_output(run_dir, manifest, 1)
         if not any(parent.glob("*.safetensors")):
             raise RunError(f"stage 2 starts from what stage 1 trained, and {parent} holds nothing; train stage 1 "
                            "first", details={"stage": 2})

@@ -17,17 +17,12 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer.data.training_data import messages_of
 from trainer.errors import ProjectError
 
 
 class HarnessError(ProjectError):
     kind = "harness_error"
-
-
-def available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("lm_eval") is not None
 
 
 def write_task(records: list[dict[str, Any]], folder: Path, name: str, max_tokens: int) -> dict[str, Any]:
@@ -37,8 +32,7 @@ def write_task(records: list[dict[str, Any]], folder: Path, name: str, max_token
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise HarnessError(f"harness task names are lower-case identifiers, got {name!r}")
     rows = []
-    for record in records:
-        messages = record["messages"]
+    for messages in map(messages_of, records):  # chat or completions records
         rows.append({"prompt": messages[-2]["content"] if len(messages) > 1 else "",
                      "answer": messages[-1]["content"],
                      "system": messages[0]["content"] if messages[0]["role"] == "system" else ""})

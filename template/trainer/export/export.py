@@ -24,10 +24,10 @@ from trainer.config import EXPORT_FORMATS, FineTuningConfig
 from trainer.export import export_target, gguf_check, gguf_export, gguf_quantize, hub, model_card, ollama
 from trainer.files import TEMP_PREFIX, write_atomic
 from trainer.models.gguf_support import architecture, check_planned  # noqa: F401  (re-exported, they were here)
-from trainer.models.merge import ExportError, adapter_into, fuse_mlx, merge_hf, model_type
+from trainer.models.merge import MLX_BITS, ExportError, adapter_into, fuse_mlx, merge_hf, model_type
 from trainer.runs.training_run_manager import RunError, RunManager, now, stage_output
 
-QUANTIZATIONS = {"gguf": gguf_export.QUANTIZATIONS, "mlx": ("none", "q4", "q8")}
+MLX_QUANTIZATIONS = ("none", *MLX_BITS)  # gguf's: gguf_export.check (ours and llama.cpp's quantizer's)
 
 
 def usage(fmt: str, path: Path, merged: bool, base: str, gguf_file: Optional[str] = None, modelfile: bool = False,
@@ -80,8 +80,9 @@ def _check_request(config: FineTuningConfig, manifest: dict[str, Any], run_id: s
         return quantization or config.export.gguf_quantization
     if fmt == "mlx":
         chosen = quantization or config.export.mlx_quantization
-        if chosen not in QUANTIZATIONS["mlx"]:
-            raise ExportError(f"mlx quantization '{chosen}' is not supported; use one of none, q4, q8")
+        if chosen not in MLX_QUANTIZATIONS:
+            raise ExportError(f"mlx quantization '{chosen}' is not supported; use one of "
+                              f"{', '.join(MLX_QUANTIZATIONS)}")
         return chosen
     if quantization not in (None, "none"):
         raise ExportError(f"format {fmt} takes no quantization (got '{quantization}'); quantize with mlx or gguf")
@@ -174,7 +175,8 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
     with manager.lock(run_id):
         manifest = manager.manifest(run_id)
         run_config = manager.run_config(run_id)
-        full = f"stage{stage}" in manifest["stages"] and stage_output(run_dir, manifest, stage)[1]
+        known = f"stage{stage}" in manifest["stages"]  # an unknown stage is refused by _check_request below
+        trained, full = stage_output(run_dir, manifest, stage) if known else (None, False)
         if full and fmt == "adapters":
             raise ExportError(f"stage {stage} of run {run_id} trained every weight (training.fine_tune full): it has "
                               "no adapter; export safetensors, huggingface, mlx or gguf")
@@ -192,9 +194,9 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
         target = export_target.check(config, output if output is not None else default_path(
             config, run_id, stage, fmt, chosen), overwrite)
         source = run_config.model_source()
-        adapter: Optional[Path] = stage_output(run_dir, manifest, stage)[0]
+        adapter: Optional[Path] = trained
         if full:  # the model the stage trained stands where the base and its adapter would
-            source, adapter = str(adapter), None
+            source, adapter = str(trained), None
         name = f"{run_config.project.name}-stage{stage}"
         merged = fmt == "gguf" or (merge and fmt != "adapters")  # adapters are never merged
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +204,8 @@ def export_run(config: FineTuningConfig, run_id: str, stage: int, fmt: str, outp
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir()
         try:
-            system = ollama.training_system_prompt(run_dir / f"stage{stage}" / "training-data" / "train.jsonl")
+            system = ollama.training_system_prompt(  # for the Modelfile: only a GGUF export reads the rows
+                run_dir / f"stage{stage}" / "training-data" / "train.jsonl") if fmt == "gguf" else None
             facts = _build(fmt, merge, chosen, source, adapter, building, run_config.evaluation.generation.model_dump(),
                            name, run_config.training.max_seq_length, system)
             how = usage(fmt, target, merged, source, facts.get("gguf_file"),

@@ -39,17 +39,17 @@ def available() -> bool:
 
 
 def decode(file: Path, prompt_ids: list[int], max_tokens: int, repack: bool = True,
-           command: Optional[list[str]] = None, expected: Optional[list[int]] = None,
+           command: Optional[list[str]] = None, teacher: Optional[list[int]] = None,
            messages: Optional[list[dict[str, str]]] = None) -> dict[str, Any]:
     """Greedy decoding of `prompt_ids` by llama.cpp in a child process: {"tokens", "stopped",
-    "version"}, or {"crashed": signal name} when the child died of a signal. With `expected`
-    (the merged model's greedy tokens) also llama.cpp's own top token at each of them, fed the
-    expected ones before it; with `messages` also the prompt its own chat template renders."""
+    "version"}, or {"crashed": signal name} when the child died of a signal. With `teacher` (a
+    token sequence) also llama.cpp's top token after each of its prefixes ("top", one fewer than
+    the sequence); with `messages` also the prompt its own chat template renders."""
     file = file.resolve()  # the child runs in the file's folder
     child = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     argv = (command or [sys.executable, "-c", child, __file__]) + [str(file), str(max_tokens), "1" if repack else "0"]
     try:
-        request = {"prompt": prompt_ids, "expected": expected or [], "messages": messages or []}
+        request = {"prompt": prompt_ids, "teacher": teacher or [], "messages": messages or []}
         out = subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True, timeout=TIMEOUT,
                              cwd=file.parent)
     except subprocess.TimeoutExpired:
@@ -68,10 +68,10 @@ def decode(file: Path, prompt_ids: list[int], max_tokens: int, repack: bool = Tr
 
 
 def reference(model_dir: Path, tokenizer: Any, prompt_ids: list[int], max_tokens: int
-              ) -> tuple[list[int], bool, list[int]]:
+              ) -> tuple[list[int], bool, list[int], list[int]]:
     """Greedy tokens of the merged Hugging Face model up to its end of turn (the same end-of-turn
-    tokens the project's engines stop at), whether it got there, and its top token at every
-    position of the prompt, the answer and its end of turn (teacher-forced)."""
+    tokens the project's engines stop at), whether it got there, the whole sequence (prompt,
+    answer, end of turn) and its top token after each prefix of it (teacher-forced)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -88,7 +88,7 @@ def reference(model_dir: Path, tokenizer: Any, prompt_ids: list[int], max_tokens
     sequence = prompt_ids + (tokens if stop is None else tokens[:stop + 1])
     with torch.no_grad():
         top = model(torch.tensor([sequence])).logits[0, :-1].argmax(-1).tolist()
-    return (tokens, False, top) if stop is None else (tokens[:stop], True, top)
+    return (tokens if stop is None else tokens[:stop]), stop is not None, sequence, top
 
 
 def verify(file: Path, model_dir: Path, max_tokens: int = 64, command: Optional[list[str]] = None) -> dict[str, Any]:
@@ -103,9 +103,8 @@ def verify(file: Path, model_dir: Path, max_tokens: int = 64, command: Optional[
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                         return_dict=True)["input_ids"]
     result: dict[str, Any] = {"checked": True, "prompt": PROMPT, "max_tokens": max_tokens}
-    expected, ended, top = reference(model_dir, tokenizer, ids, max_tokens)
-    forced = (ids + expected + [0])[1:len(top) + 1]  # the sequence both read: prompt, answer, end of turn
-    answer = decode(file, ids, max_tokens, True, command, forced, messages)
+    expected, ended, sequence, top = reference(model_dir, tokenizer, ids, max_tokens)
+    answer = decode(file, ids, max_tokens, True, command, sequence, messages)
     if "crashed" in answer:
         result["crash"] = {
             "signal": answer["crashed"], "with": "llama.cpp's CPU weight repacking on (its default)",
@@ -113,7 +112,7 @@ def verify(file: Path, model_dir: Path, max_tokens: int = 64, command: Optional[
             "advice": "this llama-cpp-python was built for a CPU feature its kernels then crash on (AMX on Intel "
                       f"Sapphire Rapids and later is the known case); rebuild it portable: {REBUILD}; or load "
                       "with Llama(..., use_extra_bufts=False) where the library allows it"}
-        answer = decode(file, ids, max_tokens, False, command, forced, messages)
+        answer = decode(file, ids, max_tokens, False, command, sequence, messages)
         if "crashed" in answer:
             result.update(checked=False, reason=f"llama.cpp crashed ({answer['crashed']}) with repacking on and "
                                                 f"off; the file is unverified: {result['crash']['advice']}")
@@ -145,9 +144,9 @@ def _child(file: str, max_tokens: int, repack: bool) -> None:
     import llama_cpp
 
     request = json.loads(sys.stdin.read())
-    prompt, expected = request["prompt"], request["expected"]
+    prompt, teacher = request["prompt"], request["teacher"]
     kwargs: dict[str, Any] = {"model_path": file, "n_ctx": len(prompt) + max_tokens + 8, "verbose": False,
-                              "n_threads": 2, "logits_all": bool(expected)}
+                              "n_threads": 2, "logits_all": bool(teacher)}
     llm = llama_cpp.Llama(**kwargs) if repack else _without_repacking(llama_cpp, kwargs)
     vocab = llama_cpp.llama_model_get_vocab(llm.model) if hasattr(llama_cpp, "llama_model_get_vocab") else None
     tokens: list[int] = []
@@ -160,10 +159,10 @@ def _child(file: str, max_tokens: int, repack: bool) -> None:
         if len(tokens) >= max_tokens:
             break
     found: dict[str, Any] = {"tokens": tokens, "stopped": stopped, "end_token": end, "version": llama_cpp.__version__}
-    if expected:  # the sequence after the first token, fed whole: llama.cpp's top token at every position
+    if teacher:  # fed whole: llama.cpp's top token after each prefix
         llm.reset()
-        llm.eval([prompt[0]] + expected[:-1])
-        found["top"] = [int(row.argmax()) for row in llm.scores[:len(expected)]]
+        llm.eval(teacher[:-1])
+        found["top"] = [int(row.argmax()) for row in llm.scores[:len(teacher) - 1]]
     if vocab is not None:
         eot = llama_cpp.llama_vocab_eot(vocab)
         if eot >= 0:

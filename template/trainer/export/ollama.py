@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer.data.training_data import messages_of, read_records
 from trainer.errors import ProjectError
 from trainer.export.go_template import TemplateError, render
 
@@ -130,17 +131,11 @@ def translate(tokenizer: Any, bos_added: bool) -> Translation:
 def training_system_prompt(train_file: Path) -> Optional[str]:
     """The system message every training row starts with, if they all share one (the model
     learned to answer after it)."""
-    prompts = set()
     if not train_file.is_file():
         return None
-    for line in train_file.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        messages = json.loads(line).get("messages") or []
-        prompts.add(messages[0]["content"] if messages and messages[0].get("role") == "system" else None)
-        if len(prompts) > 1:
-            return None
-    return next(iter(prompts), None)
+    prompts = {m[0]["content"] if m and m[0]["role"] == "system" else None
+               for m in map(messages_of, read_records(train_file))}
+    return prompts.pop() if len(prompts) == 1 else None
 
 
 def _quoted(text: str) -> str:
