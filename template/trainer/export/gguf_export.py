@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from trainer.engines.base_trainer import END_OF_TURN
 from trainer.export import gguf_quantize
 from trainer.models.gguf_support import CL100K, SUPPORTED, GGUFError, tokenizer_pre, unsupported  # noqa: F401
 
@@ -140,7 +141,6 @@ def _vocabulary(writer, model_dir: Path, vocab_size: int) -> None:
 def _end_of_turn(special, tokenizer) -> None:
     """The chat template's end-of-turn token as the GGUF's eot token (llama.cpp's chat mode and
     Ollama stop there), unless the tokenizer files named one already."""
-    from trainer.engines.base_trainer import END_OF_TURN
 
     template = special.chat_template if isinstance(special.chat_template, str) else ""
     vocab = tokenizer.get_vocab()
