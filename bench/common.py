@@ -31,6 +31,8 @@ def parser(doc: str, steps: int, batch: int) -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=400, help="synthetic chat rows of variable length")
     p.add_argument("--real", action="store_true",
                    help="the real SmolLM2-135M-Instruct (scripts/fetch_smollm2.py) instead of the built model")
+    p.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+                   help="every side's: float32, or bfloat16 matmuls under autocast (TRL's own default is bf16)")
     return p
 
 
@@ -104,10 +106,10 @@ def bench_project(folder: Path, backend: str, n_rows: int, shape: dict = SHAPE,
     return project, model, summary
 
 
-def project_args(steps: int, batch: int, learning_rate: float) -> list[str]:
+def project_args(steps: int, batch: int, learning_rate: float, precision: str = "float32") -> list[str]:
     """scripts/train.py settings shared by the comparisons: LoRA rank 8, scale 2 on q, k, v, o of
     every layer, constant learning rate, no gradient checkpointing, one validation batch."""
-    return ["--set", "base_model.local_path=models/bench-llama",
+    return ["--set", "base_model.local_path=models/bench-llama", "--set", f"training.precision={precision}",
             "--set", f"training.stage1.iterations={steps}", "--set", f"training.stage1.batch_size={batch}",
             "--set", f"training.stage1.learning_rate={learning_rate}", "--set", "training.stage1.warmup_steps=0",
             "--set", "training.lr_schedule=constant", "--set", "training.gradient_checkpointing=false",

@@ -38,7 +38,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-model_dir, data_file, out, steps, batch, lr, seed = sys.argv[1:8]
+model_dir, data_file, out, steps, batch, lr, seed, precision = sys.argv[1:9]
 sys.path.insert(0, ".")
 from trainer.data.training_data import Sampler
 
@@ -52,7 +52,8 @@ model = AutoModelForCausalLM.from_pretrained(model_dir)
 config = DPOConfig(output_dir=out, beta=0.1, per_device_train_batch_size=int(batch), max_steps=int(steps),
                    learning_rate=float(lr), lr_scheduler_type="constant", warmup_steps=0, max_length=512,
                    gradient_checkpointing=False, logging_steps=1000, save_strategy="no", report_to=[],
-                   use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=int(seed))
+                   use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=int(seed),
+                   bf16=precision == "bf16")  # TRL's default: True
 
 
 class SameBatches(DPOTrainer):
@@ -68,7 +69,7 @@ tokens = sum(2 * len(data[i]["prompt_ids"]) + len(data[i]["chosen_ids"]) + len(d
              for i in order)
 metrics = trainer.train().metrics
 peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
-print(json.dumps({"tokens": tokens, "seconds": metrics["train_runtime"],
+print(json.dumps({"tokens": tokens, "seconds": metrics["train_runtime"], "bf16": trainer.args.bf16,
                   "tokens_per_second": tokens / metrics["train_runtime"], "peak_gb": peak / 1e6}))
 '''
 
@@ -100,10 +101,11 @@ def main() -> None:
         n_matmul = summary["parameters"] - summary["vocab_size"] * summary["hidden_size"] * (0 if args.real else 1)
         data_file = project / "data" / "processed" / "train.jsonl"
         ours_args = [sys.executable, "scripts/train.py", "--json", "--name", "dpo",
-                     *project_args(args.steps, args.batch, LEARNING_RATE), "--set", "training.stage1.method=dpo",
-                     "--set", "training.stage1.beta=0.1", "--set", "training.quality_weighting=false"]
+                     *project_args(args.steps, args.batch, LEARNING_RATE, args.precision),
+                     "--set", "training.stage1.method=dpo", "--set", "training.stage1.beta=0.1",
+                     "--set", "training.quality_weighting=false"]
         trl_args = [sys.executable, "-c", TRL_SCRIPT, str(model), str(data_file), str(Path(tmp) / "trl"),
-                    str(args.steps), str(args.batch), str(LEARNING_RATE), "42"]
+                    str(args.steps), str(args.batch), str(LEARNING_RATE), "42", args.precision]
         ours, theirs = [], []
         for repeat in range(args.repeats):
             out = run(ours_args, project)
@@ -115,10 +117,12 @@ def main() -> None:
                          "loop_only": stage["tokens_per_second"], "reference_seconds": reference["seconds"],
                          "reference_pairs": reference["pairs"], "peak_gb": stage["peak_memory_gb"]})
             theirs.append(run(trl_args, project))
+            if theirs[-1]["bf16"] != (args.precision == "bf16"):  # never compare different precisions
+                raise SystemExit(f"TRL ran with bf16={theirs[-1]['bf16']}, not at precision {args.precision}")
             print(f"  repeat {repeat + 1}: project {ours[-1]['tokens_per_second']:.0f} tok/s "
                   f"(loop {ours[-1]['loop_only']:.0f}, reference pass {reference['seconds']:.1f} s for "
                   f"{reference['pairs']} pairs), TRL DPOTrainer {theirs[-1]['tokens_per_second']:.0f}")
-        peak = matmul_peak()
+        peak = matmul_peak(precision=args.precision)
 
     print(f"\nmodel: {summary['model']}, {summary['parameters'] / 1e6:.1f}M parameters, batch {args.batch} pairs, "
           f"{args.steps} steps x {args.repeats} alternating runs, {args.rows} rows")
@@ -128,7 +132,7 @@ def main() -> None:
         # 4N per trained token and 2N per reference token: 6N per pair token on both sides
         print(f"{name:22}{tps:>10.0f}{median(values, 'peak_gb'):>9.2f}{6 * n_matmul * tps / peak:>8.1%}")
     print(f"ratio (project / TRL): {median(ours, 'tokens_per_second') / median(theirs, 'tokens_per_second'):.2f}x")
-    print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s (2048x2048, best of 10)")
+    print(f"measured {args.precision} matmul peak: {peak / 1e9:.1f} GFLOP/s (2048x2048, best of 10)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,12 @@ weighted rows with far less padding) against the same Trainer baseline.
 
 MFU uses the LoRA convention of 4N FLOPs per token (forward 2N, backward through the frozen
 weights 2N, no weight gradients), with N the parameters that take part in matmuls (all but
-the input embedding), against the float32 matmul rate measured here.
+the input embedding), against the matmul rate measured here at the run's precision.
+
+`--precision bf16` runs every side with bfloat16 matmuls under autocast and float32 weights
+(the project's training.precision bf16, the Trainer's and TRL's bf16=True). TRL's configs
+default to bf16=True, so both settings are passed explicitly: float32 runs are float32 on
+every side.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                           TrainingArguments)
 
-model_dir, data_file, out, steps, batch, lr, seed = sys.argv[1:8]
+model_dir, data_file, out, steps, batch, lr, seed, precision = sys.argv[1:9]
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 rows = []
 for line in Path(data_file).read_text().splitlines():
@@ -65,7 +70,8 @@ def collate(features):
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(batch), max_steps=int(steps),
                          learning_rate=float(lr), lr_scheduler_type="constant", warmup_steps=0,
                          logging_steps=int(steps), save_strategy="no", report_to=[], use_cpu=True,
-                         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+                         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+                         bf16=precision == "bf16")
 # The same batches as the project's run: its sampler's indices (seed, stage 1, iteration, micro 0),
 # consecutive groups of `batch` for the Trainer's dataloader, so only the engines differ.
 sys.path.insert(0, ".")
@@ -83,7 +89,7 @@ class SameBatches(Trainer):
 trainer = SameBatches(model=model, args=args, train_dataset=rows, data_collator=collate)
 metrics = trainer.train().metrics
 peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
-print(json.dumps({"tokens": seen["tokens"], "seconds": metrics["train_runtime"],
+print(json.dumps({"tokens": seen["tokens"], "seconds": metrics["train_runtime"], "bf16": trainer.args.bf16,
                   "tokens_per_second": seen["tokens"] / metrics["train_runtime"], "peak_gb": peak / 1e6}))
 '''
 
@@ -97,7 +103,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-model_dir, data_file, out, steps, batch, lr, seed = sys.argv[1:8]
+model_dir, data_file, out, steps, batch, lr, seed, precision = sys.argv[1:9]
 sys.path.insert(0, ".")
 from trainer.data.training_data import Sampler
 
@@ -113,7 +119,7 @@ config = SFTConfig(output_dir=out, packing=True, packing_strategy="bfd", max_len
                    per_device_train_batch_size=2, num_train_epochs=1, learning_rate=float(lr),
                    lr_scheduler_type="constant", warmup_steps=0, gradient_checkpointing=False,
                    logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                   dataloader_num_workers=0, seed=int(seed))
+                   dataloader_num_workers=0, seed=int(seed), bf16=precision == "bf16")  # TRL's default: True
 trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                      peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -121,14 +127,16 @@ tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
 metrics = trainer.train().metrics
 peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
 print(json.dumps({"tokens": tokens, "seconds": metrics["train_runtime"], "blocks": len(trainer.train_dataset),
+                  "bf16": trainer.args.bf16,
                   "tokens_per_second": tokens / metrics["train_runtime"], "peak_gb": peak / 1e6}))
 '''
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+def matmul_peak(size: int = 2048, repeats: int = 10, precision: str = "float32") -> float:
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.matmul(a, b)
     best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(repeats))
     return 2 * size ** 3 / best
@@ -156,12 +164,12 @@ def main() -> None:
         python = sys.executable
         data_file = project / "data" / "processed" / "train.jsonl"
         ours_args = [python, "scripts/train.py", "--json", "--name", "bench",
-                     *project_args(args.steps, args.batch, LEARNING_RATE)]
+                     *project_args(args.steps, args.batch, LEARNING_RATE, args.precision)]
         theirs_args = [python, "-c", TRAINER_SCRIPT, str(model), str(data_file), str(Path(tmp) / "hf"),
-                       str(args.steps), str(args.batch), str(LEARNING_RATE), "42"]
+                       str(args.steps), str(args.batch), str(LEARNING_RATE), "42", args.precision]
         packed_args = [*ours_args, "--set", "training.packing=true"]
         trl_args = [python, "-c", TRL_SCRIPT, str(model), str(data_file), str(Path(tmp) / "trl"),
-                    str(args.steps), str(args.batch), str(LEARNING_RATE), "42"]
+                    str(args.steps), str(args.batch), str(LEARNING_RATE), "42", args.precision]
         sides = {"project transformers": ours_args, "project, packing": packed_args,
                  "HF Trainer + peft": theirs_args, "TRL SFTTrainer, packing": trl_args}
         if args.grouped:
@@ -173,22 +181,25 @@ def main() -> None:
                 if "stages" in out:
                     out = out["stages"]["stage1"]
                     out = {"tokens_per_second": out["tokens_per_second"], "peak_gb": out["peak_memory_gb"]}
+                elif out["bf16"] != (args.precision == "bf16"):  # never compare different precisions
+                    raise SystemExit(f"{name} ran with bf16={out['bf16']}, not at precision {args.precision}")
                 found[name].append(out)
             print(f"  repeat {repeat + 1}: " + ", ".join(f"{name} {found[name][-1]['tokens_per_second']:.0f}"
                                                       for name in sides))
-        peak = matmul_peak()
+        peak = matmul_peak(precision=args.precision)
 
     tps = {name: median(values, "tokens_per_second") for name, values in found.items()}
     print(f"\nmodel: {summary['model']}, {n_params / 1e6:.1f}M parameters ({n_matmul / 1e6:.1f}M in matmuls), "
           f"batch {args.batch}, "
-          f"{args.steps} steps x {args.repeats} alternating runs, {args.rows} rows of variable length")
+          f"{args.steps} steps x {args.repeats} alternating runs, {args.rows} rows of variable length, "
+          f"precision {args.precision} on every side")
     print(f"{'':26}{'tokens/s':>10}{'peak GB':>9}{'MFU':>8}")
     for name, values in found.items():
         print(f"{name:26}{tps[name]:>10.0f}{median(values, 'peak_gb'):>9.2f}{4 * n_matmul * tps[name] / peak:>8.1%}")
     for ours in [name for name in sides if name.startswith("project")]:
         print(f"{ours} / HF Trainer: {tps[ours] / tps['HF Trainer + peft']:.2f}x, "
               f"/ TRL packing: {tps[ours] / tps['TRL SFTTrainer, packing']:.2f}x")
-    print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s (2048x2048, best of 10)")
+    print(f"measured {args.precision} matmul peak: {peak / 1e9:.1f} GFLOP/s (2048x2048, best of 10)")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ def test_weighting_and_preparation_benchmark_prints_its_tables():
 def test_transformers_benchmark_runs_both_sides():
     pytest.importorskip("peft")
     out = subprocess.run([sys.executable, str(REPO / "bench" / "transformers_vs_trainer.py"), "--steps", "2",
-                          "--repeats", "1", "--rows", "60"], capture_output=True, text=True, timeout=900).stdout
+                          "--repeats", "1", "--rows", "60", "--precision", "bf16"],
+                         capture_output=True, text=True, timeout=900).stdout
     assert "project, packing / HF Trainer:" in out, out[-3000:]
+    assert "precision bf16 on every side" in out and "bf16 matmul peak" in out  # the baselines checked it too
     names = ("project transformers", "project, packing", "HF Trainer + peft", "TRL SFTTrainer, packing")
     rows = {line[:26].strip(): line[26:].split() for line in out.splitlines() if line.startswith(names)
             and "/" not in line}

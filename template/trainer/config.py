@@ -122,6 +122,8 @@ class TrainingSection(Section):
     length_grouping: int = Field(default=1, ge=1, le=1024)
     packing: bool = False  # rows side by side, positions and attention per row (transformers; collate)
     fine_tune: Literal["lora", "full"] = "lora"  # full: every weight trains; a stage saves a whole model
+    # bf16: matmuls in bfloat16 under autocast, trained weights float32 (transformers; fast on CPUs with AMX)
+    precision: Literal["auto", "float32", "bf16"] = "auto"
 
     @field_validator("val_batches")
     @classmethod

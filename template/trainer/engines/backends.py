@@ -50,11 +50,20 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def make_backend(name: str, seed: int, world: World | None = None) -> Backend:
+def make_backend(name: str, seed: int, world: World | None = None, precision: str = "auto") -> Backend:
     if name == "mlx":
+        if precision == "bf16":  # an mlx model computes in its weights' own dtype
+            raise TrainingError(
+                "training.precision bf16 is mixed precision by torch's autocast (bfloat16 matmuls, float32 "
+                "weights), which mlx does not have: mlx computes in the model's own dtype. Set "
+                "training.precision: auto, or training.backend: transformers",
+                details={"field": "training.precision", "backend": "mlx"})
         from trainer.engines.mlx_trainer import MLXBackend
 
-        return MLXBackend(seed, world)
-    from trainer.engines.transformers_trainer import TransformersBackend
+        backend: Backend = MLXBackend(seed, world)
+    else:
+        from trainer.engines.transformers_trainer import TransformersBackend
 
-    return TransformersBackend(seed, world)
+        backend = TransformersBackend(seed, world)
+    backend.precision = precision
+    return backend

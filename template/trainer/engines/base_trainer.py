@@ -77,6 +77,7 @@ class Backend(ABC):
     beta: float = 0.1
     stats: dict[str, float] = {}  # a preference step's statistics (preference.STATS)
     full: bool = False  # every weight trains (train_all); what is saved is a whole model, not an adapter
+    precision: str = "auto"  # training.precision, set by make_backend
 
     @abstractmethod
     def load(self, source: str, quantization: str, cache_dir: Path) -> dict[str, Any]:

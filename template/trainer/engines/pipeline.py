@@ -229,7 +229,7 @@ def _train_stage(manager: RunManager, run_id: str, config: FineTuningConfig, num
     entry = manifest["stages"][key]
     section = config.training.stage(number)
     training = config.training
-    backend = make_backend(backend_name, training.seed + number, world)
+    backend = make_backend(backend_name, training.seed + number, world, training.precision)
     source = config.model_source()
     if config.base_model.local_path is not None and not Path(source).is_dir():
         raise RunError(f"base_model.local_path {source} does not exist", details={"stage": number})

@@ -108,7 +108,7 @@ class TransformersBackend(Backend):
                 load_in_4bit=quantization == "q4", load_in_8bit=quantization == "q8",
                 bnb_4bit_compute_dtype=torch.bfloat16)
             kwargs["device_map"] = {"": self.device}  # each rank its own GPU
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.precision != "float32":
             kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.model = self.bare = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -117,7 +117,8 @@ class TransformersBackend(Backend):
         self.model.config.use_cache = False
         return {"source": source, "architecture": self.model.config.model_type,
                 "layers": self.model.config.num_hidden_layers, "device": str(self.device),
-                "dtype": str(next(self.model.parameters()).dtype)}
+                "dtype": str(next(self.model.parameters()).dtype),
+                "precision": "bf16 autocast" if self.precision == "bf16" else "the weights' dtype"}
 
     def add_adapters(self, lora: LoraSection, gradient_checkpointing: bool, init_from: Optional[Path]) -> int:
         layers = self.model.config.num_hidden_layers
@@ -190,6 +191,15 @@ class TransformersBackend(Backend):
         kwargs = {"input_ids": ids[:, :-1]}
         if batch.positions is not None:
             kwargs["position_ids"] = torch.from_numpy(batch.positions[:, :-1]).long().to(self.device)
+        with self._autocast():
+            return self._token_ce_of(kwargs, select, labels, weights)
+
+    def _autocast(self):
+        """training.precision bf16: matmuls in bfloat16, weights, gradients and the loss in float32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def _token_ce_of(self, kwargs: dict[str, torch.Tensor], select: torch.Tensor, labels: torch.Tensor,
+                     weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.target_only:
             logits = self.model(**kwargs).logits
             flat = logits.reshape(-1, logits.shape[-1]).index_select(0, select)
@@ -298,6 +308,8 @@ class TransformersBackend(Backend):
         return min(len(self.tokenizer), self._base().get_input_embeddings().num_embeddings)
 
     def tolerance(self) -> float:
+        if self.precision == "bf16":  # bfloat16 keeps 8 bits of mantissa
+            return 2e-2
         return 1e-4 if next(self._base().parameters()).dtype == torch.float32 else 2e-2
 
     def target_only_blocked(self) -> Optional[str]:
