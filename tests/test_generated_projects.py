@@ -43,7 +43,7 @@ SOURCES = {
     "scripts/prepare_dataset.py", "scripts/status.py", "scripts/train.py",
     "tests/conftest.py", "tests/test_cli.py", "tests/test_config.py", "tests/test_dataset.py",
     "tests/test_dora.py", "tests/test_evaluation.py", "tests/test_fast_paths.py", "tests/test_full_fine_tune.py",
-    "tests/test_layout.py", "tests/test_ollama.py",
+    "tests/test_layout.py", "tests/test_ollama.py", "tests/test_precision.py",
     "tests/test_emissions.py", "tests/test_export.py",
     "tests/test_tiny_model.py", "tests/test_trainer.py",
     "data/processed/.gitkeep", "data/quality_reports/.gitkeep", "runs/.gitkeep", "logs/.gitkeep",

@@ -178,3 +178,18 @@ def test_one_stage_at_a_time(projects):
     assert code == 0 and list(out["stages"]) == ["stage2"] and out["status"] == "completed"
     code, again = script(project, "train.py", "--run-id", run_id, "--stage", "2")
     assert code == 1 and "already completed" in again["error"]["message"]
+
+
+@pytest.mark.slow
+def test_bf16_precision_trains_through_the_pipeline_and_mlx_refuses_it(projects):
+    project = projects("llama")
+    out = train(project, "bf16", "transformers", "llama", "--set", "training.precision=bf16",
+                "--set", "training.stage1.iterations=10")
+    run_dir = Path(out["manifest_path"]).parent
+    metadata = json.loads((run_dir / "stage1" / "training_metadata.json").read_text())
+    assert metadata["base_model"]["precision"] == "bf16 autocast"
+    assert metadata["base_model"]["dtype"] == "torch.float32"  # the weights stay float32
+    assert any((run_dir / "stage1" / "adapters").glob("adapter_model.safetensors"))
+    code, refused = script(project, "train.py", "--name", "bf16-mlx", "--set", "training.backend=mlx",
+                           *local("llama"), *FAST, "--set", "training.precision=bf16")
+    assert code == 1 and "training.precision bf16" in refused["error"]["message"], refused
