@@ -117,13 +117,11 @@ class TrainingSection(Section):
     eval_steps: int = Field(default=25, ge=1)
     log_steps: int = Field(default=10, ge=1)
     val_batches: int = Field(default=25)
-    # Draw this many batches at once and cut them from the rows sorted by length: less padding,
-    # the same rows and weights (1 = off; mlx-lm's own trainer sorts by length as well)
+    # Draw N batches at once, cut from the rows sorted by length: less padding, the same rows (1 = off)
     length_grouping: int = Field(default=1, ge=1, le=1024)
     packing: bool = False  # rows side by side, positions and attention per row (transformers; collate)
     fine_tune: Literal["lora", "full"] = "lora"  # full: every weight trains; a stage saves a whole model
-    # bf16: matmuls in bfloat16 under autocast, trained weights float32 (transformers; fast on CPUs with AMX)
-    precision: Literal["auto", "float32", "bf16"] = "auto"
+    precision: Literal["auto", "float32", "bf16"] = "auto"  # bf16: autocast, float32 weights (transformers)
 
     @field_validator("val_batches")
     @classmethod
