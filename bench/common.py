@@ -57,6 +57,20 @@ def run(argv: list[str], cwd: Path) -> dict:
     return json.loads(lines[-1])
 
 
+def check_precision(name: str, precision: str, out: dict) -> None:
+    """Stop unless a side ran at `precision`: a baseline by the dtype its matmuls produced, the
+    project by its stage-1 training metadata (autocast on, float32 weights)."""
+    if "manifest_path" in out:
+        facts = json.loads((Path(out["manifest_path"]).parent / "stage1" / "training_metadata.json").read_text())
+        found = facts["base_model"]
+        ran = "bf16" if found.get("precision") == "bf16 autocast" else found.get("dtype", "").removeprefix("torch.")
+    else:
+        dtypes = out.get("matmul_dtypes", [])
+        ran = {("bfloat16",): "bf16", ("float32",): "float32"}.get(tuple(dtypes), f"{dtypes}")
+    if ran != precision:
+        raise SystemExit(f"{name} ran at {ran}, not at precision {precision}: the sides would not compare")
+
+
 def median(values: list[dict], key: str) -> float:
     return statistics.median(v[key] for v in values)
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import bench_project, median, parser, project_args, run
+from common import bench_project, check_precision, median, parser, project_args, run
 from transformers_vs_trainer import matmul_peak
 
 LEARNING_RATE = 5e-5
@@ -67,9 +67,13 @@ trainer = SameBatches(model=model, args=config, train_dataset=Dataset.from_list(
 data = trainer.train_dataset
 tokens = sum(2 * len(data[i]["prompt_ids"]) + len(data[i]["chosen_ids"]) + len(data[i]["rejected_ids"])
              for i in order)
+# the dtype the first q_proj's frozen matmul really produces (bf16 under autocast), reported
+matmuls = set()
+next(m for n, m in trainer.model.named_modules() if n.endswith("q_proj.base_layer")).register_forward_hook(
+    lambda module, inputs, output: matmuls.add(str(output.dtype).removeprefix("torch.")))
 metrics = trainer.train().metrics
 peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
-print(json.dumps({"tokens": tokens, "seconds": metrics["train_runtime"], "bf16": trainer.args.bf16,
+print(json.dumps({"tokens": tokens, "seconds": metrics["train_runtime"], "matmul_dtypes": sorted(matmuls),
                   "tokens_per_second": tokens / metrics["train_runtime"], "peak_gb": peak / 1e6}))
 '''
 
@@ -117,8 +121,8 @@ def main() -> None:
                          "loop_only": stage["tokens_per_second"], "reference_seconds": reference["seconds"],
                          "reference_pairs": reference["pairs"], "peak_gb": stage["peak_memory_gb"]})
             theirs.append(run(trl_args, project))
-            if theirs[-1]["bf16"] != (args.precision == "bf16"):  # never compare different precisions
-                raise SystemExit(f"TRL ran with bf16={theirs[-1]['bf16']}, not at precision {args.precision}")
+            check_precision("project DPO", args.precision, out)  # never compare different precisions
+            check_precision("TRL DPOTrainer", args.precision, theirs[-1])
             print(f"  repeat {repeat + 1}: project {ours[-1]['tokens_per_second']:.0f} tok/s "
                   f"(loop {ours[-1]['loop_only']:.0f}, reference pass {reference['seconds']:.1f} s for "
                   f"{reference['pairs']} pairs), TRL DPOTrainer {theirs[-1]['tokens_per_second']:.0f}")

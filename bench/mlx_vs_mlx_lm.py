@@ -99,6 +99,8 @@ def main() -> None:
     options = parser(__doc__, steps=10, batch=4)
     options.add_argument("--small", action="store_true", help="a 1M-parameter model: a quick check that both run")
     args = options.parse_args()
+    if args.precision != "float32":  # the project refuses training.precision bf16 on mlx
+        options.error("mlx has no bf16 autocast: the mlx benchmark runs at --precision float32")
     from importlib.metadata import version
 
     import mlx.core as mx

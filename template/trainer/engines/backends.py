@@ -50,14 +50,18 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def precision_error() -> TrainingError:
+    """mlx and training.precision bf16: an mlx model computes in its weights' own dtype."""
+    return TrainingError(
+        "training.precision bf16 is mixed precision by torch's autocast (bfloat16 matmuls, float32 weights), "
+        "which mlx does not have: mlx computes in the model's own dtype. Set training.precision: auto, or "
+        "training.backend: transformers", details={"field": "training.precision", "backend": "mlx"})
+
+
 def make_backend(name: str, seed: int, world: World | None = None, precision: str = "auto") -> Backend:
     if name == "mlx":
-        if precision == "bf16":  # an mlx model computes in its weights' own dtype
-            raise TrainingError(
-                "training.precision bf16 is mixed precision by torch's autocast (bfloat16 matmuls, float32 "
-                "weights), which mlx does not have: mlx computes in the model's own dtype. Set "
-                "training.precision: auto, or training.backend: transformers",
-                details={"field": "training.precision", "backend": "mlx"})
+        if precision == "bf16":
+            raise precision_error()
         from trainer.engines.mlx_trainer import MLXBackend
 
         backend: Backend = MLXBackend(seed, world)

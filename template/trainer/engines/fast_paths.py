@@ -44,7 +44,17 @@ def close(a: float, b: float, tolerance: float) -> bool:
 
 def check(backend: Backend, packed: bool) -> dict[str, Any]:
     """Turn on what the loaded model computes exactly; returns what was found, for the run's
-    metadata. Raises TrainingError when packing was asked for and would mix rows."""
+    metadata. Raises TrainingError when packing was asked for and would mix rows. The check is
+    about structure, not rounding: it runs at the weights' precision (no bf16 autocast), so its
+    tolerance stays tight."""
+    precision, backend.precision = backend.precision, "float32"
+    try:
+        return _check(backend, packed)
+    finally:
+        backend.precision = precision
+
+
+def _check(backend: Backend, packed: bool) -> dict[str, Any]:
     backend.chunk = chunk_size(backend.vocabulary())
     rows = probe_rows(backend.vocabulary())
     singles = [collate(rows, [i], backend.pad_id, backend.pad_multiple) for i in range(len(rows))]

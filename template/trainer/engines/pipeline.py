@@ -28,6 +28,7 @@ from trainer.engines.backends import (  # noqa: F401  (engines, installed: re-ex
     engines,
     installed,
     make_backend,
+    precision_error,
     resolve_backend,
 )
 from trainer.engines.base_trainer import (
@@ -142,6 +143,8 @@ def check_request(manager: RunManager, run_id: str, config: FineTuningConfig, ba
                             "positions that restart at each row, and mlx-lm's models take neither (a causal mask "
                             "over the whole sequence, RoPE from one offset), so rows would see each other. Use "
                             "training.length_grouping on mlx to cut padding", details={"field": "training.packing"})
+    if backend[0] == "mlx" and config.training.precision == "bf16":
+        raise precision_error()
     if backend[0] == "transformers" and config.base_model.quantization != "none" and not cuda_available():
         from trainer.engines.transformers_trainer import quantization_error
 

@@ -108,8 +108,10 @@ class TransformersBackend(Backend):
                 load_in_4bit=quantization == "q4", load_in_8bit=quantization == "q8",
                 bnb_4bit_compute_dtype=torch.bfloat16)
             kwargs["device_map"] = {"": self.device}  # each rank its own GPU
-        if self.device.type == "cuda" and self.precision != "float32":
+        if self.device.type == "cuda" and (self.precision == "auto" or "quantization_config" in kwargs):
             kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:  # float32 whatever the checkpoint holds: on a CPU, for float32, and as autocast's master weights
+            kwargs["dtype"] = torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.model = self.bare = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if "quantization_config" not in kwargs:
@@ -308,8 +310,6 @@ class TransformersBackend(Backend):
         return min(len(self.tokenizer), self._base().get_input_embeddings().num_embeddings)
 
     def tolerance(self) -> float:
-        if self.precision == "bf16":  # bfloat16 keeps 8 bits of mantissa
-            return 2e-2
         return 1e-4 if next(self._base().parameters()).dtype == torch.float32 else 2e-2
 
     def target_only_blocked(self) -> Optional[str]:

@@ -97,7 +97,9 @@ def load_inference(config: FineTuningConfig, backend_name: str, adapter: Optiona
                    source: Optional[str] = None) -> Backend:
     """A model ready to evaluate or answer: the base (or `source`, an exported model, which is
     loaded as saved) with `adapter` (in the engine's format) if given, in inference mode."""
-    backend = make_backend(backend_name, seed)
+    # at the weights' dtype, without autocast (float32 on CUDA too when training.precision says so)
+    precision = "float32" if config.training.precision == "float32" else "auto"
+    backend = make_backend(backend_name, seed, precision=precision)
     quantization = config.base_model.quantization if source is None else "none"
     backend.load(source or config.model_source(), quantization, config.root / "models" / "quantized")
     if adapter is not None:
