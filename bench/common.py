@@ -57,6 +57,17 @@ def run(argv: list[str], cwd: Path) -> dict:
     return json.loads(lines[-1])
 
 
+# The end of each baseline script (run with `python -c`, after it built `trainer`): train, noting the
+# dtype the first q_proj's frozen matmul really produces (bfloat16 under autocast) and the peak memory.
+TRAIN_AND_MEASURE = r'''
+matmuls = set()
+next(m for n, m in trainer.model.named_modules() if n.endswith("q_proj.base_layer")).register_forward_hook(
+    lambda module, inputs, output: matmuls.add(str(output.dtype).removeprefix("torch.")))
+metrics = trainer.train().metrics
+peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+'''
+
+
 def check_precision(name: str, precision: str, out: dict) -> None:
     """Stop unless a side ran at `precision`: a baseline by the dtype its matmuls produced, the
     project by its stage-1 training metadata (autocast on, float32 weights)."""

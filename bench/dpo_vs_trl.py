@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import bench_project, check_precision, median, parser, project_args, run
+from common import TRAIN_AND_MEASURE, bench_project, check_precision, median, parser, project_args, run
 from transformers_vs_trainer import matmul_peak
 
 LEARNING_RATE = 5e-5
@@ -67,12 +67,7 @@ trainer = SameBatches(model=model, args=config, train_dataset=Dataset.from_list(
 data = trainer.train_dataset
 tokens = sum(2 * len(data[i]["prompt_ids"]) + len(data[i]["chosen_ids"]) + len(data[i]["rejected_ids"])
              for i in order)
-# the dtype the first q_proj's frozen matmul really produces (bf16 under autocast), reported
-matmuls = set()
-next(m for n, m in trainer.model.named_modules() if n.endswith("q_proj.base_layer")).register_forward_hook(
-    lambda module, inputs, output: matmuls.add(str(output.dtype).removeprefix("torch.")))
-metrics = trainer.train().metrics
-peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+''' + TRAIN_AND_MEASURE + r'''
 print(json.dumps({"tokens": tokens, "seconds": metrics["train_runtime"], "matmul_dtypes": sorted(matmuls),
                   "tokens_per_second": tokens / metrics["train_runtime"], "peak_gb": peak / 1e6}))
 '''

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import bench_project, check_precision, median, parser, project_args, run
+from common import TRAIN_AND_MEASURE, bench_project, check_precision, median, parser, project_args, run
 
 LEARNING_RATE = 2e-4
 GROUP = 8  # training.length_grouping for the padding-free row: 8 batches drawn together, cut by length
@@ -88,12 +88,7 @@ class SameBatches(Trainer):
 
 
 trainer = SameBatches(model=model, args=args, train_dataset=rows, data_collator=collate)
-# the dtype the first q_proj's frozen matmul really produces (bf16 under autocast), reported
-matmuls = set()
-next(m for n, m in trainer.model.named_modules() if n.endswith("q_proj.base_layer")).register_forward_hook(
-    lambda module, inputs, output: matmuls.add(str(output.dtype).removeprefix("torch.")))
-metrics = trainer.train().metrics
-peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+''' + TRAIN_AND_MEASURE + r'''
 print(json.dumps({"tokens": seen["tokens"], "seconds": metrics["train_runtime"], "matmul_dtypes": sorted(matmuls),
                   "tokens_per_second": seen["tokens"] / metrics["train_runtime"], "peak_gb": peak / 1e6}))
 '''
@@ -129,12 +124,7 @@ trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(r
                      peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
 tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-# the dtype the first q_proj's frozen matmul really produces (bf16 under autocast), reported
-matmuls = set()
-next(m for n, m in trainer.model.named_modules() if n.endswith("q_proj.base_layer")).register_forward_hook(
-    lambda module, inputs, output: matmuls.add(str(output.dtype).removeprefix("torch.")))
-metrics = trainer.train().metrics
-peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+''' + TRAIN_AND_MEASURE + r'''
 print(json.dumps({"tokens": tokens, "seconds": metrics["train_runtime"], "blocks": len(trainer.train_dataset),
                   "matmul_dtypes": sorted(matmuls),
                   "tokens_per_second": tokens / metrics["train_runtime"], "peak_gb": peak / 1e6}))
