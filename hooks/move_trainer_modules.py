@@ -34,6 +34,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import update_report  # noqa: E402  (beside this file)
+
 # trainer/<old>.py -> trainer/<new>.py, as released in v0.3.0
 MOVES = {
     "dataset_preparator": "data.dataset_preparator",
@@ -172,8 +175,10 @@ def record_conflict(project: Path, path: Path, base: bytes, mine: bytes, theirs:
     git("update-index", "--index-info", cwd=project, stdin=("\n".join(entries) + "\n").encode())
 
 
-def carry(project: Path, template: Path, old_commit: str) -> tuple[list[str], list[str], list[str]]:
-    """Merge the user's changes of moved modules into their new homes: (carried, conflicted, problems)."""
+def carry(project: Path, template: Path, old_commit: str) -> tuple[dict[str, dict[str, str]], list[str], list[str]]:
+    """Merge the user's changes of moved modules into their new homes: ({old path: {"to": new path,
+    "state": carried | conflict}}, report lines, problems)."""
+    moves: dict[str, dict[str, str]] = {}
     carried, conflicted, problems = [], [], []
     scratch = project / ".tmp" / "migration"
     for old, new in MOVES.items():
@@ -214,9 +219,10 @@ def carry(project: Path, template: Path, old_commit: str) -> tuple[list[str], li
             conflicted.append(f"{note}: {merged.returncode} conflict(s) to resolve{where}")
         else:
             carried.append(f"{note}: your change carried")
+        moves[old_path] = {"to": path_of(new), "state": "conflict" if merged.returncode > 0 else "carried"}
     if scratch.is_dir() and not any(scratch.iterdir()):
         scratch.rmdir()
-    return carried, conflicted, problems
+    return moves, carried + conflicted, problems
 
 
 def candidates(project: Path) -> list[Path]:
@@ -260,6 +266,12 @@ def shadowed(project: Path) -> list[str]:
             if room != "export" and (project / "trainer" / f"{room}.py").is_file()]
 
 
+def old_layout(project: Path) -> bool:
+    """Whether the project's committed state still has the flat layout (a module that moved)."""
+    listed = git("ls-tree", "--name-only", "HEAD", "trainer/", cwd=project, check=False).stdout.decode()
+    return any(f"trainer/{old}.py" in listed.splitlines() for old in MOVES)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--template", required=True, type=Path, help="the template's checkout (a git clone)")
@@ -267,12 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", type=Path, default=Path.cwd())
     args = parser.parse_args(argv)
     project = args.project.resolve()
-    carried, conflicted, problems = carry(project, args.template, args.old)
-    merged = {project / path_of(MOVES[n.split(" -> ")[0].removeprefix("trainer/").removesuffix(".py")])
-              for n in carried + conflicted}
-    rewritten, left = rewrite_references(project, merged)
-    report = carried + conflicted + [f"{path}: trainer module names updated" for path in rewritten]
-    for line in report + problems + left + shadowed(project):
+    if not old_layout(project):  # decided by what the project holds, not by version numbers
+        return 0
+    moves, lines, problems = carry(project, args.template, args.old)
+    rewritten, left = rewrite_references(project, {project / entry["to"] for entry in moves.values()})
+    needs_you = problems + left + shadowed(project)
+    update_report.add(project, "layout", {"moves": moves, "needs_you": needs_you})
+    update_report.rewrote(project, rewritten)
+    report = lines + [f"{path}: trainer module names updated" for path in rewritten]
+    for line in report + needs_you:
         print(f"move_trainer_modules: {line}", file=sys.stderr)
     return 0
 

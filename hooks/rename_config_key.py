@@ -29,6 +29,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import update_report  # noqa: E402  (beside this file)
+
 KEY_LINE = re.compile(r"^(?P<indent>[ ]*)(?P<key>[A-Za-z0-9_-]+)(?P<rest>[ ]*:(?:[ ].*|)\n?)$")
 
 
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for path in changed:
         print(f"rename_config_key: {args.old} -> {args.new} in {path.relative_to(project)}", file=sys.stderr)
+    update_report.rewrote(project.resolve(), [path.resolve().relative_to(project.resolve()).as_posix()
+                                              for path in changed])
     return 0
 
 

@@ -54,6 +54,8 @@ class GenerateResult(BaseModel):
     next_steps: list[str]
     command_examples: dict[str, str] = Field(description="commands to run inside the project")
     answers: dict[str, Any] = Field(description="every copier answer the project was generated with")
+    version_note: Optional[str] = Field(default=None, description=(
+        "when the recorded version is not a release tag: what it is and what it means for later updates"))
 
 
 class UpdateResult(BaseModel):
@@ -62,7 +64,13 @@ class UpdateResult(BaseModel):
     previous_version: Optional[str]
     new_version: Optional[str]
     changed_files: list[str] = Field(description="files the update changed (git status)")
-    conflicts: list[str] = Field(description="files with merge conflicts to resolve by hand")
+    conflicts: list[str] = Field(description="files with merge conflicts to resolve by hand (git status lists them "
+                                             "unmerged): copier's, the migrations' and the update guard's")
+    report: list[str] = Field(default_factory=list, description=(
+        "what the template's migrations did: modules moved and whether the user's change was carried, files "
+        "rewritten, edits the update had dropped that were put back, what needs the user"))
+    version_note: Optional[str] = Field(default=None, description=(
+        "when the recorded version is not a release tag: what it is and what it means for later updates"))
     message: str
 
 

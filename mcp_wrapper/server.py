@@ -183,7 +183,8 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
             "MLflow tracking URI, W&B project, Hugging Face repo prefix and privacy"))] = None,
         export: Annotated[Optional[ExportInput], Field(description=(
             "the export formats the project's config lists by default"))] = None,
-        template_version: Annotated[Optional[str], Field(description="template tag (default: newest)")] = None,
+        template_version: Annotated[Optional[str], Field(description=(
+            "template tag or commit (default: the server's OLMO_TEMPLATE_REF, else the newest tag)"))] = None,
         git_init: Annotated[bool, Field(description="make the project a git repository (update needs one)")] = True,
         ctx: Context = None,
     ) -> GenerateResult:
@@ -199,11 +200,14 @@ def build_server(settings: Optional[Settings] = None) -> MCPServer:
     @tool(hints(destructive=True, idempotent=True))
     async def update_project(
         project_path: ProjectPath,
-        template_version: Annotated[Optional[str], Field(description="tag to update to (default: newest)")] = None,
+        template_version: Annotated[Optional[str], Field(description=(
+            "tag or commit to update to (default: the server's OLMO_TEMPLATE_REF, else the newest tag)"))] = None,
         ctx: Context = None,
     ) -> UpdateResult:
         """Bring a project forward to a newer template version with copier update (3-way merge that
-        keeps the user's edits). The project must be a clean git tree."""
+        keeps the user's edits). The project must be a clean git tree. Every edit of the user's is in
+        the result or listed in `conflicts` (unmerged in git's index); `report` says what the
+        migrations moved, carried and put back. A failed update changes and records nothing."""
         return await call(tools.update, project_path, template_version, await client_roots(ctx))
 
     @tool(hints(destructive=True, idempotent=True))
@@ -503,11 +507,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--trust", action="append", help="a template source whose migrations may run")
     parser.add_argument("--template-git", help="the template's git URL or local clone, for updating projects made "
                         "from the bundled copy (overrides OLMO_TEMPLATE_GIT)")
+    parser.add_argument("--template-ref", help="the template version calls get when they name none: a tag, a commit "
+                        "or HEAD (overrides OLMO_TEMPLATE_REF; default: the newest tag)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     settings = Settings.from_env(template=args.template, output_dir=args.output_dir,
                                  allowed_roots=[Path(p) for p in args.allowed_root or []],
-                                 trusted_templates=args.trust or [], template_git=args.template_git)
+                                 trusted_templates=args.trust or [], template_git=args.template_git,
+                                 template_ref=args.template_ref)
     server = build_server(settings)
     if args.transport == "stdio":
         server.run("stdio")

@@ -3,6 +3,9 @@
 OLMO_TEMPLATES_DIR       template source for new projects: a local template (copier.yml at its
                          top) or a git URL (default: the template bundled in this package; in a
                          source checkout, the checkout)
+OLMO_TEMPLATE_REF        the template version new projects get and updates go to when a call names
+                         none: a tag, a commit, or HEAD (a local template's working tree, as the
+                         tests pin it); default: the newest tag
 OLMO_TEMPLATE_GIT        the template's git history (a git URL or a local clone) for updating
                          projects made from the bundled copy, which has none (copier update needs
                          the old and the new version)
@@ -23,6 +26,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 PACKAGE = Path(__file__).resolve().parent
 # An installed wheel carries the template in the package; a source checkout is the template.
@@ -50,8 +54,11 @@ class Settings:
     trusted_templates: list[str] = field(default_factory=list)
     python: str = sys.executable
     template_git: str = ""
+    template_ref: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.template_ref is None:  # also when the settings are built directly, as the tests build them
+            self.template_ref = os.environ.get("OLMO_TEMPLATE_REF") or None
         self.output_dir = Path(self.output_dir).expanduser().resolve()
         self.allowed_roots = [Path(r).expanduser().resolve() for r in self.allowed_roots] or [self.output_dir]
 
@@ -71,6 +78,8 @@ class Settings:
             values["python"] = env["OLMO_PROJECT_PYTHON"]
         if env.get("OLMO_TEMPLATE_GIT"):
             values["template_git"] = env["OLMO_TEMPLATE_GIT"]
+        if env.get("OLMO_TEMPLATE_REF"):
+            values["template_ref"] = env["OLMO_TEMPLATE_REF"]
         values.update({k: v for k, v in overrides.items() if v not in (None, [], "")})
         return cls(**values)
 

@@ -7,21 +7,20 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
 import yaml
-from copier import run_copy, run_update
+from copier import run_copy
 from mcp.server.mcpserver.exceptions import ToolError
 
 from mcp_wrapper import answers as questionnaire
 from mcp_wrapper.files import untrusted
+from mcp_wrapper.git import git
 from mcp_wrapper.jobs import WAIT_DEFAULT, JobTools
 from mcp_wrapper.models import (
     BaseModelResult,
@@ -36,15 +35,13 @@ from mcp_wrapper.models import (
     JobFields,
     PrepareResult,
     ProjectStructure,
-    UpdateResult,
 )
 from mcp_wrapper.paths import check_name
 from mcp_wrapper.release import record_source, release_ref
 from mcp_wrapper.runs import RunTools
 from mcp_wrapper.settings import is_git_source
+from mcp_wrapper.update import UpdateTools, version_note
 
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "olmo-fine-tuning-mcp", "GIT_AUTHOR_EMAIL": "olmo-fine-tuning-mcp@localhost",
-                "GIT_COMMITTER_NAME": "olmo-fine-tuning-mcp", "GIT_COMMITTER_EMAIL": "olmo-fine-tuning-mcp@localhost"}
 QUESTION_ERROR = re.compile(r"(?:Validation error for question|Invalid choice for) '(\w+)'[: ]*(.*)", re.DOTALL)
 EXPORT_TIMEOUT = 4 * 3600  # merging and converting a 70B model takes a while
 GENERATE_TIMEOUT = 900  # loading a large model on a CPU, then at most 1024 new tokens
@@ -55,36 +52,6 @@ PATH_ANSWERS = {"model_local_path": "base_model.local_path"}
 STORE_ANSWERS = {"mlflow_tracking_uri": "integrations.mlflow_tracking_uri"}
 
 
-GIT_TIMEOUT = 300
-
-
-def changed_files(project: Path) -> list[str]:
-    """Every changed file as git names it: each file, not its new folder (a conflict inside a
-    folder an update added is found too), and names unquoted (-z), spaces and all."""
-    fields = _git(project, "status", "--porcelain", "-z", "--untracked-files=all").split("\0")
-    files, rest = [], iter(fields)
-    for entry in rest:
-        if entry:
-            files.append(entry[3:])
-            if entry[0] in "RC":  # a rename or copy: the next field is where it came from
-                next(rest, None)
-    return files
-
-
-def _git(project: Path, *args: str, check: bool = True) -> str:
-    env = {**GIT_IDENTITY, **os.environ}
-    try:
-        # no hooks, no fsmonitor: git runs nothing the project's .git/config could name
-        argv = ["git", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", *args]
-        proc = subprocess.run(argv, cwd=project, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env,
-                              check=False, timeout=GIT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise ToolError(f"git {args[0]} did not finish within {GIT_TIMEOUT} s in {project}") from None
-    if check and proc.returncode != 0:  # git's message may quote the project's file names
-        raise ToolError(f"git {args[0]} failed in {project}:\n" + untrusted(proc.stderr.strip()[-500:]))
-    return proc.stdout
-
-
 def _rejected_line(error: Any) -> str:
     if not isinstance(error, dict):
         return str(error)
@@ -93,7 +60,7 @@ def _rejected_line(error: Any) -> str:
     return f"{where}: {field}{error.get('reason')}"
 
 
-class Tools(RunTools, JobTools):
+class Tools(RunTools, JobTools, UpdateTools):
     # ------------------------------------------------------------- generate and update
 
     def generate(self, project_name: str, output_dir: Optional[str], top: dict[str, Any],
@@ -115,7 +82,8 @@ class Tools(RunTools, JobTools):
         try:
             with contextlib.redirect_stdout(sys.stderr):  # nothing but MCP messages on stdout
                 run_copy(template, str(project), data=data, defaults=True, quiet=True, overwrite=False,
-                         unsafe=self.settings.trusted(template), vcs_ref=template_version)
+                         unsafe=self.settings.trusted(template),
+                         vcs_ref=template_version or self.settings.template_ref)
         except ValueError as error:
             if created:
                 shutil.rmtree(project, ignore_errors=True)
@@ -128,12 +96,16 @@ class Tools(RunTools, JobTools):
                 shutil.rmtree(project, ignore_errors=True)
             raise ToolError(f"copier could not generate the project: {type(error).__name__}: {error}") from None
         recorded = yaml.safe_load((project / ".copier-answers.yml").read_text()) or {}
+        note = None
         if not is_git_source(template):  # the bundled copy: record the release for later updates
             recorded = record_source(project, self.settings.template_git or template, release_ref())
+        else:
+            note = version_note(template, recorded.get("_commit"), project)
+            recorded = yaml.safe_load((project / ".copier-answers.yml").read_text()) or {}
         if git_init and shutil.which("git"):
-            _git(project, "init", "-q", "-b", "main")
-            _git(project, "add", "-A")
-            _git(project, "commit", "-q", "-m", f"Generated from olmo-fine-tuning-mcp {recorded.get('_commit')}")
+            git(project, "init", "-q", "-b", "main")
+            git(project, "add", "-A")
+            git(project, "commit", "-q", "-m", f"Generated from olmo-fine-tuning-mcp {recorded.get('_commit')}")
         stages = recorded.get("num_stages", 1)
         return GenerateResult(
             success=True,
@@ -164,6 +136,7 @@ class Tools(RunTools, JobTools):
                 "status": "python scripts/status.py --run-id <run_id>",
             },
             answers={k: v for k, v in recorded.items() if not k.startswith("_")},
+            version_note=note,
         )
 
     def _check_answers(self, project: Path, data: dict[str, Any], client_roots: Optional[list[Path]]) -> None:
@@ -182,62 +155,6 @@ class Tools(RunTools, JobTools):
                                 "in config/fine_tuning_config.yaml by hand if you mean it")
             if local:
                 self.in_project(project, local, field, client_roots)
-
-    def update(self, project_value: str, template_version: Optional[str],
-               client_roots: Optional[list[Path]]) -> UpdateResult:
-        project = self.path(project_value, "project_path", client_roots)
-        answers_file = project / ".copier-answers.yml"
-        if not answers_file.is_file():
-            raise ToolError(f"{project} has no .copier-answers.yml, so it was not generated by a template")
-        if not (project / ".git").exists():
-            raise ToolError(f"{project} is not a git repository; copier update needs one (commit_project makes it "
-                            "one and commits the current state)")
-        dirty = _git(project, "status", "--porcelain").rstrip("\n")  # each line keeps its 2-letter status
-        if dirty.strip():
-            shown = "\n".join(dirty.splitlines()[:20])  # file names are the user's (or a dataset's) text
-            raise ToolError(f"{project} has uncommitted changes; commit them first with commit_project (copier update "
-                            f"merges into a clean git tree):\n" + untrusted(shown))
-        before = yaml.safe_load(answers_file.read_text()) or {}
-        source = str(before.get("_src_path") or self.settings.template)
-        if not is_git_source(source):
-            source = self._record_git_source(project, source, before)
-        try:
-            with contextlib.redirect_stdout(sys.stderr):
-                run_update(str(project), defaults=True, overwrite=True, quiet=True, skip_answered=True,
-                           unsafe=self.settings.trusted(source), vcs_ref=template_version)
-        except Exception as error:
-            hint = (" (the template runs migrations; add its source to OLMO_TRUSTED_TEMPLATES to allow them)"
-                    if "unsafe" in str(error).lower() else "")
-            raise ToolError(f"copier update failed: {type(error).__name__}: {error}{hint}") from None
-        after = yaml.safe_load(answers_file.read_text()) or {}
-        changed = changed_files(project)
-        conflicts = sorted({name.removesuffix(".rej") for name in changed if name.endswith(".rej")}
-                           | {name for name in changed if (project / name).is_file()
-                              and "<<<<<<< before updating" in (project / name).read_text(errors="replace")})
-        same = before.get("_commit") == after.get("_commit")
-        return UpdateResult(
-            success=True, project_path=str(project), previous_version=before.get("_commit"),
-            new_version=after.get("_commit"), changed_files=changed, conflicts=conflicts,
-            message=("already at the newest template version" if same and not changed else
-                     f"updated from {before.get('_commit')} to {after.get('_commit')}; review and commit the changes"
-                     + ("; resolve the conflicts first" if conflicts else "")),
-        )
-
-    def _record_git_source(self, project: Path, source: str, answers: dict[str, Any]) -> str:
-        """A project made from a copy without git history gets the template's git source
-        (OLMO_TEMPLATE_GIT) written into its answers, in a commit of its own."""
-        if not self.settings.template_git:
-            raise ToolError(
-                f"{project} was generated from a copy of the template without git history ({source}), and copier "
-                "update needs the template's versions: set OLMO_TEMPLATE_GIT (or --template-git) to the template's "
-                "git URL or a local clone, then update again")
-        if not answers.get("_commit"):
-            raise ToolError(f"{project}/.copier-answers.yml does not record which template version made the project "
-                            "(no _commit), so there is nothing to update from; regenerate it from the git template")
-        record_source(project, self.settings.template_git, answers["_commit"])
-        _git(project, "commit", "-q", "-m", "Record the template's git source for copier update",
-             ".copier-answers.yml")
-        return self.settings.template_git
 
     # ------------------------------------------------------------- data and runs
 
@@ -305,19 +222,19 @@ class Tools(RunTools, JobTools):
         if not (project / ".copier-answers.yml").is_file():
             raise ToolError(f"{project} was not generated by the template (no .copier-answers.yml)")
         if not (project / ".git").is_dir():
-            _git(project, "init", "-q", "-b", "main")
+            git(project, "init", "-q", "-b", "main")
         text = message or "Project state committed through olmo-fine-tuning-mcp"
         if "\x00" in text or len(text) > 2000:
             raise ToolError("message must be at most 2000 characters, without NUL")
-        _git(project, "add", "-A")
-        files = [line[3:] for line in _git(project, "status", "--porcelain").splitlines()]
+        git(project, "add", "-A")
+        files = [line[3:] for line in git(project, "status", "--porcelain").splitlines()]
         if not files:
             return CommitResult(success=True, project_path=str(project), committed=False,
-                                commit=_git(project, "rev-parse", "HEAD", check=False).strip() or None, files=[],
+                                commit=git(project, "rev-parse", "HEAD", check=False).strip() or None, files=[],
                                 message="nothing to commit; the tree is clean")
-        _git(project, "commit", "-q", "-m", text)
+        git(project, "commit", "-q", "-m", text)
         return CommitResult(success=True, project_path=str(project), committed=True,
-                            commit=_git(project, "rev-parse", "HEAD").strip(), files=files,
+                            commit=git(project, "rev-parse", "HEAD").strip(), files=files,
                             message=f"committed {len(files)} file(s); update_project can now merge into this state")
 
     def configure(self, project_value: str, run_name: str, training_data: dict[str, Optional[str]],

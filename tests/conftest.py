@@ -24,6 +24,11 @@ for key, value in {"GIT_AUTHOR_NAME": "Template Tests", "GIT_AUTHOR_EMAIL": "tes
     os.environ.setdefault(key, value)
 
 
+# The server under test renders this checkout's working tree, not its newest tag: tagging a release
+# must not make the suite test the release (servers started as subprocesses inherit it too).
+os.environ["OLMO_TEMPLATE_REF"] = "HEAD"
+
+
 def pytest_configure(config):
     """pytest-copie renders the template at --template (default: the cwd); default to this
     repository so the tests work from any directory."""
