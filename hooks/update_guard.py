@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         report = guard(project, args.template, args.old)
     except Exception as error:  # the update must not pass for checked when it was not
         update_report.add(project, "guard", {"error": f"{type(error).__name__}: {error}"})
-        print(f"update_guard: could not check the update: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"update_guard: could not check that the update kept your edits ({type(error).__name__}: {error}); "
+              "undo it with `git reset --hard` and `git clean -fd` (the tree was clean before it)", file=sys.stderr)
         return 1
     update_report.add(project, "guard", report)
     for lines in report.values():

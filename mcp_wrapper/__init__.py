@@ -1,7 +1,11 @@
 """The thin MCP server around the olmo-fine-tuning-mcp template: it generates and updates
 projects with copier and drives their own scripts; it holds no training logic."""
 
-try:  # written by hatch-vcs from the git tag when the package is built or installed
-    from mcp_wrapper._version import __version__
-except ImportError:  # a source tree that was never installed
-    __version__ = "0.0.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # computed from git when the package was built or installed (mcp_wrapper/checkout_version.py)
+    __version__ = version("olmo-fine-tuning-mcp")
+except PackageNotFoundError:  # a source tree that was never installed
+    from mcp_wrapper.checkout_version import checkout_version
+
+    __version__ = checkout_version()

@@ -44,8 +44,17 @@ def installed(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("package")
     source = base / "source"
     sh("git", "clone", "-q", str(REPO), str(source))
-    git(source, "tag", "v1.0.0")
-    sh(sys.executable, "-m", "build", "--wheel", "--outdir", str(base / "dist"), str(source))
+    changelog = source / "CHANGELOG.md"
+    changelog.write_text(changelog.read_text().replace("## [Unreleased]\n", "## [Unreleased]\n\n## [1.0.0]\n", 1))
+    git(source, "commit", "-qam", "CHANGELOG: 1.0.0")
+    # the release steps as a maintainer runs them: the update check from the last archived release,
+    # the archive, the tag and the wheel
+    released = sh(sys.executable, str(source / "scripts" / "release.py"), "1.0.0", "--dist", str(base / "dist"),
+                  cwd=source, env={**os.environ, **GIT})
+    assert "update check: v0.2.0 -> v1.0.0: edits kept" in released.stdout, released.stdout
+    assert git(source, "tag", "--points-at", "HEAD~1") == "v1.0.0\n", "the release is tagged, then archived"
+    assert (source / "tests/releases/v1.0.0.tar.gz").is_file()
+    assert "## [1.0.0] - " in (source / "CHANGELOG.md").read_text()
     wheel = next((base / "dist").glob("*.whl"))
     venv = base / "venv"
     sh(sys.executable, "-m", "venv", str(venv))
@@ -115,3 +124,16 @@ def test_the_installed_server_runs_a_full_cycle_and_updates_need_git(installed, 
     assert "README.md" in result["changed_files"] and not result["conflicts"]
     assert "Released in v1.1.0." in (project / "README.md").read_text()
     assert yaml.safe_load((project / ".copier-answers.yml").read_text())["_src_path"] == str(source)
+
+
+def test_an_untagged_checkout_says_which_release_it_follows(tmp_path):
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(REPO), str(clone))
+    code = "import sys; sys.path.insert(0, 'mcp_wrapper'); import checkout_version as v; print(v.checkout_version())"
+    head = git(clone, "rev-parse", "--short=9", "HEAD").strip()
+    since = git(clone, "rev-list", "--count", "3cde6e0..HEAD").strip()  # CHANGELOG: v0.2.0 at commit 3cde6e0
+    assert sh(sys.executable, "-c", code, cwd=clone).stdout.strip() == f"0.2.0.post{since}+g{head}"
+    git(clone, "tag", "v0.9.0", "HEAD~1")
+    assert sh(sys.executable, "-c", code, cwd=clone).stdout.strip() == f"0.9.0.post1+g{head}"
+    git(clone, "tag", "v1.0.0")
+    assert sh(sys.executable, "-c", code, cwd=clone).stdout.strip() == "1.0.0"
