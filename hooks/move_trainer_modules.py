@@ -266,10 +266,12 @@ def shadowed(project: Path) -> list[str]:
             if room != "export" and (project / "trainer" / f"{room}.py").is_file()]
 
 
-def old_layout(project: Path) -> bool:
-    """Whether the project's committed state still has the flat layout (a module that moved)."""
+def old_layout(project: Path, template: Path, old_commit: str) -> bool:
+    """Whether the project came from a release of the flat layout and its last commit still has a
+    module that moved (a module of the user's own named like an old one is not a reason)."""
+    flat = git("cat-file", "-e", f"{old_commit}:template/trainer/pipeline.py", cwd=template, check=False)
     listed = git("ls-tree", "--name-only", "HEAD", "trainer/", cwd=project, check=False).stdout.decode()
-    return any(f"trainer/{old}.py" in listed.splitlines() for old in MOVES)
+    return flat.returncode == 0 and any(f"trainer/{old}.py" in listed.splitlines() for old in MOVES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", type=Path, default=Path.cwd())
     args = parser.parse_args(argv)
     project = args.project.resolve()
-    if not old_layout(project):  # decided by what the project holds, not by version numbers
+    if not old_layout(project, args.template, args.old):  # by what the project holds, not version numbers
         return 0
     moves, lines, problems = carry(project, args.template, args.old)
     rewritten, left = rewrite_references(project, {project / entry["to"] for entry in moves.values()})

@@ -1,6 +1,6 @@
 """The package's version, read from its git checkout when it is built (hatch's `code` source).
 
-- A release: the tag at HEAD, vX.Y.Z -> X.Y.Z (plus `+dirty` with uncommitted changes).
+- A release: the tag at HEAD, vX.Y.Z -> X.Y.Z (X.Y.Z+gHASH.dirty with uncommitted changes).
 - Past a release: X.Y.Z.postN+gHASH, N commits after the last release, which is the newest vX.Y.Z
   tag, or in a clone without tags the newest release CHANGELOG.md names with its commit
   ("## [0.2.0] - ... tag `v0.2.0` at commit 3cde6e0"). This is how copier numbers a commit after a
@@ -55,8 +55,8 @@ def checkout_version() -> str:
         return f"0.0.0.post{_git('rev-list', '--count', 'HEAD')}+g{head}" + (".dirty" if dirty else "")
     version, ref = release
     distance = int(_git("rev-list", "--count", f"{ref}..HEAD") or 0)
-    if distance == 0:
-        return version + ("+dirty" if dirty else "")
+    if distance == 0:  # uncommitted changes: the commit they sit on stays readable (release_ref needs it)
+        return version + (f"+g{head}.dirty" if dirty else "")
     return f"{version}.post{distance}+g{head}" + (".dirty" if dirty else "")
 
 

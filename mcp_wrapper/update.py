@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,16 +24,22 @@ import yaml
 from copier import run_update
 from mcp.server.mcpserver.exceptions import ToolError
 
-from mcp_wrapper.files import untrusted
+from mcp_wrapper.files import FileProblem, lock_held, read_object, untrusted
 from mcp_wrapper.git import changed_files, git, unmerged_files
+from mcp_wrapper.jobs import _alive
 from mcp_wrapper.models import UpdateResult
 from mcp_wrapper.release import record_source
 from mcp_wrapper.settings import BUNDLED_TEMPLATE, is_git_source
 
 REPORT = "olmo-update-report.json"  # hooks/update_report.py NAME; tests/test_update_guard.py keeps them equal
+KEPT = "olmo-update-kept"  # hooks/update_guard.py KEPT, likewise
 GUARD = BUNDLED_TEMPLATE / "hooks" / "update_guard.py"
 GUARD_TIMEOUT = 600
-RELEASE_TAG = re.compile(r"v?\d+(\.\d+)*")
+RELEASE_TAG = re.compile(r"v\d+(\.\d+)*|\d+\.\d+(\.\d+)*")  # not a commit id of digits only
+# Folders of the project's own artefacts: a rollback never deletes an ignored file there (a job may
+# write one while the update runs); the update itself writes only the template's files there.
+ARTEFACTS = {"runs", "models", "exports", "emissions", "logs", "mlruns", "wandb", "data", "upload_staging", ".tmp",
+             ".venv"}
 
 
 class UpdateRefused(Exception):
@@ -86,6 +93,7 @@ class UpdateTools:
         if not (project / ".git").exists():
             raise ToolError(f"{project} is not a git repository; copier update needs one (commit_project makes it "
                             "one and commits the current state)")
+        self._refuse_while_busy(project)
         dirty = git(project, "status", "--porcelain").rstrip("\n")  # each line keeps its 2-letter status
         if dirty.strip():
             shown = "\n".join(dirty.splitlines()[:20])  # file names are the user's (or a dataset's) text
@@ -96,7 +104,7 @@ class UpdateTools:
         record = None if is_git_source(source) else self._git_source(project, source, before)
         source = record or source
         head = git(project, "rev-parse", "HEAD").strip()
-        present = self._listing(project)
+        present, folders = self._listing(project), self._folders(project)
         report_file = Path(git(project, "rev-parse", "--absolute-git-dir").strip()) / REPORT
         report_file.unlink(missing_ok=True)
         try:
@@ -111,7 +119,7 @@ class UpdateTools:
             if record:  # HEAD as it was: the recorded source is part of the update's change to review
                 git(project, "update-ref", "HEAD", head)
         except Exception as error:
-            self._roll_back(project, head, present)
+            self._roll_back(project, head, present, folders, report_file)
             hint = (" (the template runs migrations; add its source to OLMO_TRUSTED_TEMPLATES to allow them)"
                     if "unsafe" in str(error).lower() else "")
             what = "the update was refused" if isinstance(error, UpdateRefused) else "copier update failed"
@@ -119,6 +127,7 @@ class UpdateTools:
                             f"project is as it was (commit {head[:12]}, clean)") from None
         finally:
             report_file.unlink(missing_ok=True)
+            shutil.rmtree(report_file.with_name(KEPT), ignore_errors=True)
         after = yaml.safe_load(answers_file.read_text()) or {}
         changed = changed_files(project)
         conflicts = sorted(set(unmerged_files(project))
@@ -154,20 +163,62 @@ class UpdateTools:
         return report
 
     @staticmethod
-    def _listing(project: Path) -> set[str]:
-        """Untracked and ignored paths as git lists them (ignored folders whole)."""
-        out = git(project, "status", "--porcelain", "-z", "--untracked-files=all", "--ignored")
-        return {entry[3:] for entry in out.split("\0") if entry[:2] in ("??", "!!")}
+    def _refuse_while_busy(project: Path) -> None:
+        """An update rewrites the code a running training or job runs, and its rollback must not
+        meet files a job is writing: refuse while one runs."""
+        runs = project / "runs"
+        busy = [f"training run {d.name}" for d in (sorted(runs.iterdir()) if runs.is_dir() and not runs.is_symlink()
+                                                   else []) if d.is_dir() and not d.is_symlink() and lock_held(d)]
+        jobs = project / ".tmp" / "jobs"
+        for folder in sorted(jobs.iterdir()) if jobs.is_dir() and not jobs.is_symlink() else []:
+            with contextlib.suppress(FileProblem, KeyError, TypeError, ValueError):
+                record = read_object(folder / "job.json")
+                if not (folder / "exit.json").exists() and _alive(int(record["pid"]), record.get("started")):
+                    busy.append(f"job {folder.name}")
+        if busy:
+            raise ToolError(f"{project} has work running ({', '.join(busy)}); an update rewrites the code it runs: "
+                            "wait for it to end (or cancel it), then update")
 
-    def _roll_back(self, project: Path, head: str, present: set[str]) -> None:
-        """The project as it was: what the update added removed, tracked files, index and HEAD reset."""
-        for name in sorted(self._listing(project) - present):
+    @staticmethod
+    def _listing(project: Path) -> dict[str, bool]:
+        """Untracked files as git lists them (-uall: each file, ignored ones too): {name: ignored}."""
+        out = git(project, "status", "--porcelain", "-z", "--untracked-files=all", "--ignored")
+        return {entry[3:]: entry[:2] == "!!" for entry in out.split("\0") if entry[:2] in ("??", "!!")}
+
+    @staticmethod
+    def _folders(project: Path) -> set[Path]:
+        """The project's folders outside git's and the artefacts' (the update may add folders there)."""
+        found = set()
+        for folder, dirs, _ in os.walk(project):
+            here = Path(folder)
+            dirs[:] = [d for d in dirs if d != ".git" and not (here == project and d in ARTEFACTS)]
+            found.add(here)
+        return found
+
+    def _roll_back(self, project: Path, head: str, present: dict[str, bool], folders: set[Path],
+                   report_file: Path) -> None:
+        """The project as it was: the files the update added removed (never an ignored file in an
+        artefact folder: a job's), the folders it made, and tracked files, index and HEAD reset."""
+        for name, ignored in sorted(self._listing(project).items()):
             path = project / name
+            if name in present or (ignored and name.split("/", 1)[0] in ARTEFACTS):
+                continue
             if path.is_symlink() or path.is_file():
                 path.unlink()
             elif path.is_dir():
                 shutil.rmtree(path)
         git(project, "reset", "-q", "--hard", head)
+        kept = report_file.with_name(KEPT)  # the user's ignored files at template paths (hooks/update_guard.py)
+        for copy in sorted(p for p in kept.rglob("*") if p.is_file()) if kept.is_dir() else []:
+            target = project / copy.relative_to(kept)
+            if target.is_symlink():
+                target.unlink()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(copy, target)
+        shutil.rmtree(kept, ignore_errors=True)
+        for folder in sorted(self._folders(project) - folders, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: a folder the update made
 
     def _git_source(self, project: Path, source: str, answers: dict[str, Any]) -> str:
         """The template's git source (OLMO_TEMPLATE_GIT) for a project made from a copy without git

@@ -109,6 +109,16 @@ def check_update(archive: Path, version: str) -> list[str]:
         return [f"{previous} -> v{version}: edits kept", *(f"conflict: {name}" for name in sorted(unmerged))]
 
 
+def build_wheel(version: str, dist: Path) -> Path:
+    run(sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT))
+    wheel = dist / f"olmo_fine_tuning_mcp-{version}-py3-none-any.whl"
+    if not wheel.is_file():
+        raise SystemExit(f"release: the wheel is not {wheel.name}: {sorted(p.name for p in dist.iterdir())}")
+    if "mcp_wrapper/bundled_template/copier.yml" not in zipfile.ZipFile(wheel).namelist():
+        raise SystemExit(f"release: {wheel.name} does not carry the template")
+    return wheel
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("version", help="X.Y.Z (the tag is vX.Y.Z)")
@@ -127,12 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"release: update check: {line}")
     head = run("git", "rev-parse", "--short=9", "HEAD").strip()
     run("git", "tag", "-a", f"v{version}", "-m", f"olmo-fine-tuning-mcp {version}")
-    run(sys.executable, "-m", "build", "--wheel", "--outdir", str(args.dist), str(ROOT))
-    wheel = args.dist / f"olmo_fine_tuning_mcp-{version}-py3-none-any.whl"
-    if not wheel.is_file():
-        raise SystemExit(f"release: the wheel is not {wheel.name}: {sorted(p.name for p in args.dist.iterdir())}")
-    if "mcp_wrapper/bundled_template/copier.yml" not in zipfile.ZipFile(wheel).namelist():
-        raise SystemExit(f"release: {wheel.name} does not carry the template")
+    try:
+        wheel = build_wheel(version, args.dist)
+    except SystemExit:
+        run("git", "tag", "-d", f"v{version}")  # nothing is tagged that did not pass
+        raise
     # After the tag: the archive the next release's check starts from, and the CHANGELOG heading
     # naming the release's commit (a clone without tags versions itself from it)
     run("git", "archive", "--format=tar.gz", "-o", str(ARCHIVES / f"v{version}.tar.gz"), f"v{version}", *PARTS)

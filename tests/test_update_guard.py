@@ -27,7 +27,7 @@ def hook(name: str):
 
 
 def test_the_server_reads_the_report_the_hooks_write():
-    assert update.REPORT == hook("update_report").NAME
+    assert update.REPORT == hook("update_report").NAME and update.KEPT == hook("update_guard").KEPT
 
 
 def test_lines_the_user_added_are_missing_only_when_gone():
@@ -37,6 +37,16 @@ def test_lines_the_user_added_are_missing_only_when_gone():
     assert guard.missing_lines(mine, base, b"a\nb\nmine\nc\n") == [b"mine"], "one of two added copies is gone"
     assert guard.missing_lines(mine, base, b"a\nb\nc\n") == [b"mine"]
     assert guard.missing_lines(b"a\n  \n", b"a\n", b"a\n") == [], "blank lines are not edits"
+
+
+def test_a_binary_file_is_put_back_as_a_conflict_not_merged(tmp_path):
+    guard = hook("update_guard")
+    git(tmp_path, "init", "-q", "-b", "main")
+    (tmp_path / "weights.bin").write_bytes(b"\0the update's")
+    git(tmp_path, "add", "-A")
+    assert guard.merge_back(tmp_path, "weights.bin", "100644", b"\0mine", b"\0release", b"\0the update's") == 1
+    assert (tmp_path / "weights.bin").read_bytes() == b"\0mine"
+    assert [line.split()[2] for line in git(tmp_path, "ls-files", "-u").splitlines()] == ["1", "2", "3"]
 
 
 def state(project: Path) -> dict:
@@ -128,3 +138,28 @@ def test_a_dirty_template_records_a_version_a_later_update_finds(tmp_path, templ
     out = mcp_ok(server, "update_project", {"project_path": str(project)})
     assert (out["previous_version"], out["new_version"], out["version_note"]) == ("v0.1.0", "v0.2.0", None), out
     assert "## Layout (draft)" in (project / "README.md").read_text() and out["conflicts"] == []
+
+
+@pytest.mark.slow
+def test_no_update_while_training_runs(tmp_path, template):  # noqa: F811
+    """A rollback must never meet files a job is writing, and an update must not rewrite the code a
+    run is executing: while a run holds its lock, update_project refuses and changes nothing."""
+    import fcntl
+    import os
+
+    project = generated(tmp_path, template)
+    replace(template / "template" / "README.md.jinja", "## Layout\n", "## Layout (v0.2.0)\n")
+    git(template, "commit", "-qam", "v0.2.0")
+    git(template, "tag", "v0.2.0")
+    (project / "runs" / "training").mkdir(parents=True)
+    lock = os.open(project / "runs" / "training" / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a live trainer holds it
+    before = state(project)
+    server = build_server(Settings(template=str(template), output_dir=tmp_path, trusted_templates=[str(template)]))
+    try:
+        text = mcp_error(server, "update_project", {"project_path": str(project)})
+    finally:
+        os.close(lock)
+    assert "training run training" in text and "wait for it" in text, text
+    assert state(project) == before
+    assert mcp_ok(server, "update_project", {"project_path": str(project)})["new_version"] == "v0.2.0"

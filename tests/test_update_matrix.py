@@ -70,6 +70,8 @@ def history(tmp_path_factory) -> dict:
                "rooms": commit_tree(repo, REPO, "this tree: trainer/ in rooms")}
     (repo / "template" / "scripts" / "emissions_dashboard.py").unlink()  # the next version drops a script
     replace(repo / "template" / "README.md.jinja", "## Layout\n", "## Layout (next)\n")
+    contract = repo / "template" / "docs" / "wrapper-contract.md"
+    contract.write_text(contract.read_text() + "\nChanged in the next version.\n")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "next: without scripts/emissions_dashboard.py")
     commits["next"] = git(repo, "rev-parse", "HEAD").strip()
@@ -199,3 +201,40 @@ def test_every_edit_is_kept_or_reported(history, tmp_path, start, target, tags, 
                 "print(t.METRIC(['A', 'b'], ['x', 'y']), custom_metric(name)(['A'], ['x']))")
         proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True)
         assert proc.stdout.split() == ["1.0", "1.0"], proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_project_in_a_subfolder_keeps_its_own_modules_and_ignored_files(history, tmp_path):
+    """A project inside a larger repository (a monorepo), updated by copier: the file the next
+    version deletes is kept and unmerged at its real path; a module of the user's own named like a
+    flat-layout one (trainer/tracking.py) and its import are not "moved"; a template file the user
+    made their own and told git to ignore is not overwritten."""
+    template = variant(history, {}, "next-none")
+    git(template, "checkout", "-q", history["commits"]["next"])
+    outer = tmp_path / "monorepo"
+    project = render(outer / "services" / "tuning", src=template, vcs_ref=history["commits"]["rooms"],
+                     project_name="nested")
+    git(outer, "init", "-q", "-b", "main")
+    (outer / "README.md").write_text("the monorepo\n")
+    script = project / "scripts" / "emissions_dashboard.py"
+    script.write_text(script.read_text() + "\n# EDIT-script\n")
+    (project / "trainer" / "tracking.py").write_text("OURS = True  # our own tracking helpers\n")
+    (project / "scripts" / "mine.py").write_text("from trainer import tracking  # ours\n\nprint(tracking.OURS)\n")
+    contract = project / "docs" / "wrapper-contract.md"
+    contract.write_text("our private notes on the contract\n")
+    with (project / ".gitignore").open("a") as ignore:
+        ignore.write("/docs/wrapper-contract.md\n")
+    git(outer, "add", "-A")  # the contract stays out: ignored
+    assert not git(outer, "ls-files", "services/tuning/docs/wrapper-contract.md")
+    git(outer, "commit", "-q", "-m", "a project in a monorepo")
+
+    run_update(str(project), defaults=True, overwrite=True, quiet=True, unsafe=True, skip_answered=True, vcs_ref="HEAD")
+
+    unmerged = set(git(outer, "diff", "--name-only", "--diff-filter=U").split())
+    assert unmerged == {"services/tuning/scripts/emissions_dashboard.py"}, unmerged
+    assert "# EDIT-script" in script.read_text()
+    assert (project / "scripts" / "mine.py").read_text().startswith("from trainer import tracking  # ours\n")
+    assert (project / "trainer" / "tracking.py").read_text() == "OURS = True  # our own tracking helpers\n"
+    assert contract.read_text() == "our private notes on the contract\n"
+    assert "## Layout (next)" in (project / "README.md").read_text()
+    assert (outer / "README.md").read_text() == "the monorepo\n"
