@@ -46,3 +46,28 @@ def changed_files(project: Path) -> list[str]:
 def unmerged_files(project: Path) -> list[str]:
     """Files with a conflict recorded in git's index (copier's, a migration's, the update guard's)."""
     return sorted({name for name in git(project, "diff", "--name-only", "--diff-filter=U", "-z").split("\0") if name})
+
+
+# What git writes into when it commits or an update records conflicts: none of it may lead elsewhere.
+GIT_PARTS = ("objects", "refs", "index", "HEAD", "config", "logs", "info", "packed-refs")
+
+
+def own_repository(project: Path) -> None:
+    """Refuse a project whose git repository lies elsewhere: `.git` a link or a gitfile (a
+    worktree's or submodule's pointer), a part of it a link, or core.worktree set (git would read
+    and index another folder). A commit or an update would write outside the project."""
+    dot_git = project / ".git"
+    if not dot_git.exists() and not dot_git.is_symlink():
+        return
+    if dot_git.is_symlink() or not dot_git.is_dir():
+        what = "a link" if dot_git.is_symlink() else "a file pointing to a repository elsewhere"
+        raise ToolError(f"{dot_git} is {what}; the server commits and updates only in a repository of the project's "
+                        "own (a real .git folder inside it)")
+    linked = [part for part in GIT_PARTS if (dot_git / part).is_symlink()]
+    if linked:
+        raise ToolError(f"{dot_git}: {', '.join(linked)} {'is a link' if len(linked) == 1 else 'are links'}, which "
+                        "git would write through; the server commits and updates only in a repository of the "
+                        "project's own")
+    if git(project, "config", "--get", "core.worktree", check=False).strip():
+        raise ToolError(f"{dot_git}/config sets core.worktree, so git would work on another folder; the server "
+                        "commits and updates only in a repository of the project's own")

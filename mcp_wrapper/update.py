@@ -25,7 +25,7 @@ from copier import run_update
 from mcp.server.mcpserver.exceptions import ToolError
 
 from mcp_wrapper.files import FileProblem, lock_held, read_object, untrusted
-from mcp_wrapper.git import changed_files, git, unmerged_files
+from mcp_wrapper.git import changed_files, git, own_repository, unmerged_files
 from mcp_wrapper.jobs import _alive
 from mcp_wrapper.models import UpdateResult
 from mcp_wrapper.release import record_source
@@ -93,6 +93,7 @@ class UpdateTools:
         if not (project / ".git").exists():
             raise ToolError(f"{project} is not a git repository; copier update needs one (commit_project makes it "
                             "one and commits the current state)")
+        own_repository(project)
         self._refuse_while_busy(project)
         dirty = git(project, "status", "--porcelain").rstrip("\n")  # each line keeps its 2-letter status
         if dirty.strip():

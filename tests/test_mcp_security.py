@@ -65,6 +65,38 @@ def test_run_ids_and_data_paths_cannot_escape(layout):
     assert not list((root / "p" / "runs").glob("r-*"))
 
 
+@pytest.mark.parametrize("plant", ["link", "gitfile", "objects", "worktree"])
+def test_git_never_writes_outside_through_a_planted_repository(layout, plant):
+    """commit_project and update_project on a project whose .git leads outside the roots (a link, a
+    gitfile, a linked objects folder, core.worktree): refused, and nothing outside changes."""
+    import subprocess
+
+    server, root, outside = layout["server"], layout["root"], layout["outside"]
+    project = root / "p"
+    mcp_ok(server, "generate_fine_tuning_project", {"project_name": "p", "git_init": plant != "gitfile"})
+    elsewhere = outside / "repo"
+    subprocess.run(["git", "init", "-q", str(elsewhere)], check=True)
+    if plant == "link":
+        import shutil
+
+        shutil.rmtree(project / ".git")
+        (project / ".git").symlink_to(elsewhere / ".git", target_is_directory=True)
+    elif plant == "gitfile":
+        (project / ".git").write_text(f"gitdir: {elsewhere / '.git'}\n")
+    elif plant == "objects":
+        import shutil
+
+        shutil.rmtree(project / ".git" / "objects")
+        (project / ".git" / "objects").symlink_to(elsewhere / ".git" / "objects", target_is_directory=True)
+    else:
+        subprocess.run(["git", "config", "core.worktree", str(elsewhere)], cwd=project, check=True)
+    before = snapshot(outside)
+    for tool in ("commit_project", "update_project"):
+        text = mcp_error(server, tool, {"project_path": str(project)})
+        assert "only in a repository of the project's own" in text, text
+    assert snapshot(outside) == before, "nothing outside the roots was written"
+
+
 def test_client_roots_narrow_the_servers(layout):
     root = layout["root"]
     (root / "mine").mkdir()
