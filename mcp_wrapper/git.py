@@ -1,10 +1,13 @@
-"""git, as the server runs it in a project: argv lists, no hooks, no fsmonitor, a time limit,
-and errors whose quoted text (the project's file names) is delimited as untrusted."""
+"""git, as the server runs it in a project: argv lists, nothing the project configures run (no
+hooks, fsmonitor, signing program, filter or diff driver), a time limit, and errors whose quoted
+text (the project's file names) is delimited as untrusted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from mcp.server.mcpserver.exceptions import ToolError
@@ -16,13 +19,59 @@ GIT_IDENTITY = {"GIT_AUTHOR_NAME": "olmo-fine-tuning-mcp", "GIT_AUTHOR_EMAIL": "
 GIT_TIMEOUT = 300
 
 
+# Settings whose values are commands git would run (hooks, fsmonitor, signing, external diff), or
+# that start work in the background: each is set to nothing for every git the server starts.
+NEUTRAL = {"core.hooksPath": os.devnull, "core.fsmonitor": "false", "commit.gpgSign": "false",
+           "tag.gpgSign": "false", "diff.external": "", "gc.auto": "0", "maintenance.auto": "false"}
+DRIVER_COMMANDS = {"filter": ("clean", "smudge", "process"), "diff": ("command", "textconv")}
+
+
+def neutral_settings(project: Path) -> dict[str, str]:
+    """NEUTRAL plus each filter and diff driver the project configures, emptied (reading the
+    configuration runs nothing; an empty command is no command to git)."""
+    listed = subprocess.run(["git", "config", "--name-only", "--get-regexp", r"^(filter|diff)\."], cwd=project,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=GIT_TIMEOUT,
+                            env={**os.environ, "GIT_CONFIG_COUNT": "0"}).stdout.split()
+    settings = dict(NEUTRAL)
+    for key in listed:
+        kind, _, rest = key.partition(".")
+        driver = rest.rpartition(".")[0]
+        for command in DRIVER_COMMANDS.get(kind, ()) if driver else ():
+            settings[f"{kind}.{driver}.{command}"] = ""
+    return settings
+
+
+@contextlib.contextmanager
+def neutral_environment(project: Path) -> Iterator[None]:
+    """The same settings for git run by others in this process (copier's update, through plumbum)
+    and their children (the migrations), as environment variables (git's GIT_CONFIG_COUNT). Every
+    git the process starts meanwhile gets them too, which only keeps it from running commands."""
+    settings = neutral_settings(project)
+    env = {"GIT_CONFIG_COUNT": str(len(settings))}
+    for number, (key, value) in enumerate(settings.items()):
+        env[f"GIT_CONFIG_KEY_{number}"], env[f"GIT_CONFIG_VALUE_{number}"] = key, value
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        from plumbum import local  # copier runs git through plumbum, whose environment is its own copy
+
+        with local.env(**env):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def git(project: Path, *args: str, check: bool = True) -> str:
     env = {**GIT_IDENTITY, **os.environ}
     try:
-        # no hooks, no fsmonitor: git runs nothing the project's .git/config could name
-        argv = ["git", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", *args]
-        proc = subprocess.run(argv, cwd=project, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env,
-                              check=False, timeout=GIT_TIMEOUT)
+        # git runs nothing the project's .git/config or .gitattributes could name
+        options = [part for key, value in neutral_settings(project).items() for part in ("-c", f"{key}={value}")]
+        proc = subprocess.run(["git", *options, *args], cwd=project, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, env=env, check=False, timeout=GIT_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise ToolError(f"git {args[0]} did not finish within {GIT_TIMEOUT} s in {project}") from None
     if check and proc.returncode != 0:  # git's message may quote the project's file names

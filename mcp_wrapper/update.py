@@ -25,7 +25,7 @@ from copier import run_update
 from mcp.server.mcpserver.exceptions import ToolError
 
 from mcp_wrapper.files import FileProblem, lock_held, read_object, untrusted
-from mcp_wrapper.git import changed_files, git, own_repository, unmerged_files
+from mcp_wrapper.git import changed_files, git, neutral_environment, own_repository, unmerged_files
 from mcp_wrapper.jobs import _alive
 from mcp_wrapper.models import UpdateResult
 from mcp_wrapper.release import record_source
@@ -113,7 +113,7 @@ class UpdateTools:
                 record_source(project, record, before["_commit"])
                 git(project, "commit", "-q", "-m", "Record the template's git source for copier update",
                     ".copier-answers.yml")
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr), neutral_environment(project):
                 run_update(str(project), defaults=True, overwrite=True, quiet=True, skip_answered=True,
                            unsafe=self.settings.trusted(source), vcs_ref=template_version or self.settings.template_ref)
             report = self._checked(project, report_file, source, str(before.get("_commit")))

@@ -97,6 +97,31 @@ def test_git_never_writes_outside_through_a_planted_repository(layout, plant):
     assert snapshot(outside) == before, "nothing outside the roots was written"
 
 
+def test_git_runs_nothing_the_project_configures(layout):
+    """A project whose git configuration names commands (a signing program, a clean filter named by
+    .gitattributes, an fsmonitor, an external diff, a hook): commit_project and update_project (copier's
+    own git calls and the migrations' included) run none of them."""
+    import subprocess
+
+    server, root, outside = layout["server"], layout["root"], layout["outside"]
+    project = root / "p"
+    mcp_ok(server, "generate_fine_tuning_project", {"project_name": "p"})
+    marker = outside / "ran"
+    command = f"touch {marker}; cat"
+    for key, value in (("commit.gpgsign", "true"), ("gpg.program", command), ("filter.x.clean", command),
+                       ("filter.x.process", command), ("core.fsmonitor", command), ("diff.external", command),
+                       ("core.hooksPath", str(outside))):
+        subprocess.run(["git", "config", key, value], cwd=project, check=True)
+    (outside / "post-index-change").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (outside / "post-index-change").chmod(0o755)
+    (project / ".gitattributes").write_text("* filter=x\n")
+    (project / "notes.md").write_text("ours\n")
+    assert mcp_ok(server, "commit_project", {"project_path": str(project)})["committed"]
+    out = mcp_ok(server, "update_project", {"project_path": str(project)})
+    assert out["success"] and out["conflicts"] == [], out
+    assert not marker.exists(), "git ran a command the project configured"
+
+
 def test_client_roots_narrow_the_servers(layout):
     root = layout["root"]
     (root / "mine").mkdir()
