@@ -29,6 +29,19 @@ WAIT_DEFAULT = 40.0  # seconds a long call waits for its job before answering wi
 WAIT_MAX = 50.0  # below the 60 s many clients allow a request
 RESULT_LIMIT = 1 << 20  # a script's result line is read back up to 1 MiB
 KEEP_SECONDS = 7 * 24 * 3600  # an ended job's files stay this long for wait_for_job
+JOB_FILES = ("stdout", "stderr", "job.json", "exit.json")
+
+
+def write_new(path: Path, text: str) -> bool:
+    """Create `path` with `text` unless something (a file, a link) is there already: a record is
+    never written through a link planted in the job's folder. Whether it wrote."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    return True
 
 
 def _start_time(pid: int) -> Optional[str]:
@@ -73,7 +86,7 @@ class JobTools(ProjectAccess):
     def forget_job(self, project: Path, job_id: str, client_roots: Optional[list[Path]]) -> None:
         """Remove an ended job's folder (the job's own files only: stdout, stderr, job.json, exit.json)."""
         folder = self.job_folder(project, job_id, client_roots)
-        for name in ("stdout", "stderr", "job.json", "exit.json"):
+        for name in JOB_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (folder / name).unlink()
         with contextlib.suppress(OSError):
@@ -120,10 +133,7 @@ class JobTools(ProjectAccess):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 code, ended = proc.wait(), f"stopped after its limit of {timeout:.0f} s"
-            with contextlib.suppress(OSError):
-                exit_file = folder / "exit.json"
-                if not exit_file.exists():  # cancel_job wrote it first
-                    exit_file.write_text(json.dumps({"returncode": code, "ended": ended}), encoding="utf-8")
+            write_new(folder / "exit.json", json.dumps({"returncode": code, "ended": ended}))  # unless cancel_job did
         threading.Thread(target=reap, daemon=True).start()
         return job_id
 
@@ -134,6 +144,10 @@ class JobTools(ProjectAccess):
         if not (folder / "job.json").is_file():
             known = sorted(p.name for p in folder.parent.glob("*") if (p / "job.json").is_file())
             raise ToolError(f"unknown job {job_id} in {project}; known jobs: {', '.join(known[-10:]) or 'none'}")
+        linked = [name for name in JOB_FILES if (folder / name).is_symlink()]
+        if (self.jobs_dir(project, client_roots) / job_id).is_symlink() or linked:
+            raise ToolError(f"job {job_id}: {', '.join(linked) or 'its folder'} is a link; a job's files are the "
+                            "server's own, never read or written through a link")
         return folder
 
     def job_state(self, project: Path, job_id: str, client_roots: Optional[list[Path]]) -> JobResult:
@@ -197,9 +211,7 @@ class JobTools(ProjectAccess):
             return state
         record = read_object(folder / "job.json")
         pid = int(record["pid"])
-        with contextlib.suppress(OSError):  # the ended record first: the reaper then leaves it
-            (folder / "exit.json").write_text(json.dumps({"returncode": None, "ended": "cancelled"}),
-                                              encoding="utf-8")
+        write_new(folder / "exit.json", json.dumps({"returncode": None, "ended": "cancelled"}))  # the reaper leaves it
         script = project / "scripts" / str(record.get("script"))
         if _alive(pid, record.get("started"), script):  # only the job's own process group: start time and argv
             with contextlib.suppress(ProcessLookupError):

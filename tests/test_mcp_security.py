@@ -122,6 +122,36 @@ def test_git_runs_nothing_the_project_configures(layout):
     assert not marker.exists(), "git ran a command the project configured"
 
 
+@pytest.mark.parametrize("linked", ["stdout", "stderr", "exit.json"])
+def test_job_files_are_never_read_or_written_through_a_link(layout, linked):
+    """A job folder whose stdout (a forged result), stderr (a secret) or exit record links outside:
+    wait_for_job and cancel_job refuse it and reveal nothing of the target."""
+    import json
+
+    server, root, outside = layout["server"], layout["root"], layout["outside"]
+    project = root / "p"
+    mcp_ok(server, "generate_fine_tuning_project", {"project_name": "p"})
+    job_id = "evaluate_model-20261203-101620-3fa9c2"
+    folder = project / ".tmp" / "jobs" / job_id
+    folder.mkdir(parents=True)
+    record = {"job_id": job_id, "tool": "evaluate_model", "script": "evaluate.py", "pid": 999999, "started": "1",
+              "started_at": "2026-12-03T10:16:20+00:00"}
+    (folder / "job.json").write_text(json.dumps(record))
+    for name, text in (("stdout", '{"success": true, "metrics": {"forged": 1}}\n'), ("stderr", "SECRET-LINE\n"),
+                       ("exit.json", '{"returncode": 0, "ended": "exited"}')):
+        target = outside / name
+        target.write_text(text)
+        if name == linked:
+            (folder / name).symlink_to(target)
+        else:
+            (folder / name).write_text(text)
+    before = snapshot(outside)
+    for tool in ("wait_for_job", "cancel_job"):
+        text = mcp_error(server, tool, {"project_path": str(project), "job_id": job_id})
+        assert f"{linked} is a link" in text and "SECRET" not in text and "forged" not in text, text
+    assert snapshot(outside) == before
+
+
 def test_client_roots_narrow_the_servers(layout):
     root = layout["root"]
     (root / "mine").mkdir()
