@@ -107,6 +107,24 @@ def test_set_base_model_builds_or_brings_a_model_and_points_the_config_at_it(env
     call(env, "set_base_model", source="models/tiny-olmo2")  # inside the project: pointed at, not copied
     assert 'local_path: "models/tiny-olmo2"' in config.read_text()
 
+    # the tiny model again replaces the one it built; a folder of the user's under its name, or one
+    # with a link inside, is never written into
+    assert call(env, "set_base_model", tiny=True)["local_path"] == "models/tiny-olmo2"
+    assert not list((project / "models").glob(".tmp-*")), "built beside, moved in"
+    mine = project / "models" / "tiny-llama"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "llama", "ours": true}\n')
+    outside = env["root"] / "outside-config.json"
+    outside.write_text('{"keep": true}\n')
+    linked = project / "models" / "tiny-mistral"
+    shutil.copytree(project / "models" / "tiny-olmo2", linked)
+    (linked / "config.json").unlink()
+    (linked / "config.json").symlink_to(outside)
+    for architecture in ("llama", "mistral"):
+        assert "is never replaced" in error(env, "set_base_model", tiny=True, architecture=architecture)
+    assert (mine / "config.json").read_text() == '{"model_type": "llama", "ours": true}\n'
+    assert outside.read_text() == '{"keep": true}\n'
+
 
 def test_long_calls_answer_with_a_job_that_survives_a_restart(env):
     project = str(env["project"])

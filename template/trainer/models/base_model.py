@@ -49,9 +49,27 @@ def build_tiny(config: FineTuningConfig, architecture: Optional[str] = None, see
                config_file: Optional[Path] = None) -> dict[str, Any]:
     architecture = architecture or config.base_model.architecture
     output = guard.check_path(config.root / "models" / f"tiny-{architecture}", "the tiny model's folder")
-    summary = tiny_model.build(architecture, output, corpus(config), seed=seed)
+    if output.is_symlink() or (output.exists() and not _tiny_of_ours(output)):
+        raise ProjectError(f"{output} already exists and is not a tiny model this project built (no tiny_model.json, "
+                           "or a link inside); an existing models/<name> is never replaced: move it away first")
+    staged = _staged(output)  # built beside, then moved in: nothing is written into the existing folder
+    try:
+        summary = tiny_model.build(architecture, staged, corpus(config), seed=seed)
+        summary["path"] = str(output)
+        (staged / "tiny_model.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if output.exists():
+            shutil.rmtree(output)  # the tiny model an earlier call built
+        os.replace(staged, output)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     return {"kind": "tiny", "architecture": architecture, "local_path": _point(config, output, config_file),
             "path": str(output), "parameters": summary["parameters"], "verified": summary.get("verified")}
+
+
+def _tiny_of_ours(folder: Path) -> bool:
+    """A folder build_tiny made: its summary file, and no link anywhere in it."""
+    return (folder.is_dir() and (folder / "tiny_model.json").is_file()
+            and not any(path.is_symlink() for path in folder.rglob("*")))
 
 
 def _model_type(folder: Path) -> str:
