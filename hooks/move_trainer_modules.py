@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import update_report  # noqa: E402  (beside this file)
+from update_guard import LABELS, record_conflict  # noqa: E402  (copier's labels and index stages)
 
 # trainer/<old>.py -> trainer/<new>.py, as released in v0.3.0
 MOVES = {
@@ -93,7 +94,6 @@ PATTERN = re.compile(
     r"|(?<![\w/])trainer/(?P<slashed>" + NAMES + r")\.py\b", re.M)
 LEFTOVER = re.compile(r"from[ \t]+trainer[ \t]+import[^\n;]*\b(" + NAMES + r")\b|import[ \t]+trainer\.(" + NAMES
                       + r")\b")
-LABELS = ["-L", "before updating", "-L", "last update", "-L", "after updating"]
 
 
 def git(*args: str, cwd: Path, check: bool = True, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -163,18 +163,6 @@ def encode(text: str) -> bytes:
     return text.encode("utf-8", errors="surrogateescape")
 
 
-def record_conflict(project: Path, path: Path, base: bytes, mine: bytes, theirs: bytes) -> None:
-    """Mark the file unmerged in git's index, as copier marks its own conflicts: `git status`
-    lists it, and a commit is refused until it is resolved and added."""
-    def blob(data: bytes) -> str:
-        return git("hash-object", "-w", "--stdin", cwd=project, stdin=data).stdout.decode().strip()
-
-    name = git("rev-parse", "--show-prefix", cwd=project).stdout.decode().strip() + path.relative_to(project).as_posix()
-    entries = [f"0 {'0' * 40}\t{name}", f"100644 {blob(base)} 1\t{name}", f"100644 {blob(mine)} 2\t{name}",
-               f"100644 {blob(theirs)} 3\t{name}"]
-    git("update-index", "--index-info", cwd=project, stdin=("\n".join(entries) + "\n").encode())
-
-
 def carry(project: Path, template: Path, old_commit: str) -> tuple[dict[str, dict[str, str]], list[str], list[str]]:
     """Merge the user's changes of moved modules into their new homes: ({old path: {"to": new path,
     "state": carried | conflict}}, report lines, problems)."""
@@ -214,7 +202,7 @@ def carry(project: Path, template: Path, old_commit: str) -> tuple[dict[str, dic
             continue
         note = f"{old_path} -> {path_of(new)}"
         if merged.returncode > 0:
-            record_conflict(project, new_path, base, ours, theirs)
+            record_conflict(project, path_of(new), "100644", base, ours, theirs)
             where = f" ({SPLIT[old]})" if old in SPLIT else ""
             conflicted.append(f"{note}: {merged.returncode} conflict(s) to resolve{where}")
         else:
